@@ -1,0 +1,199 @@
+"""Rendering of an EvalReport: rich tables for the terminal, a confusion-matrix PNG, markdown.
+
+Every rendering shows the subgroup breakdowns and the flagged list next to the overall
+figures; see covidray.metrics for why accuracy on a confounded split is never shown alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from .metrics import EvalReport, SubgroupMetrics
+
+WARN = "⚠"
+NO_SUBGROUPS = (
+    "No subgroup columns were given: accuracy on a confounded split can reflect the source "
+    "or age of the images, not the disease."
+)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _overall_line(report: EvalReport) -> str:
+    return (
+        f"accuracy {report.accuracy:.3f} · macro-F1 {report.macro_f1:.3f} · "
+        f"COVID sensitivity {report.covid_recall:.3f} · "
+        f"COVID specificity {report.covid_specificity:.3f} · ECE {report.ece:.3f} · n={report.n}"
+    )
+
+
+def _adult_line(adult: SubgroupMetrics | None) -> str:
+    if adult is None:
+        return "Adult only: no rows with age_group = adult"
+    return (
+        f"Adult only (n={adult.n}): accuracy {adult.accuracy:.3f} · "
+        f"COVID sensitivity {_fmt(adult.covid_recall)} · "
+        f"COVID specificity {_fmt(adult.covid_specificity)}"
+        + (f"  {WARN} {adult.flag_reason}" if adult.flagged else "")
+    )
+
+
+def render_text(report: EvalReport, title: str = "") -> Group:
+    """A rich renderable: overall line, per-class, confusion and subgroup tables, flags."""
+    parts: list = []
+    if title:
+        parts.append(Text(title, style="bold"))
+    parts.append(Text(_overall_line(report)))
+
+    per_class = Table(title="Per class")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in report.per_class.items():
+        per_class.add_row(name, _fmt(m.precision), _fmt(m.recall), _fmt(m.f1), str(m.support))
+    parts.append(per_class)
+
+    confusion = Table(title="Confusion matrix (rows true, columns predicted)")
+    confusion.add_column("true \\ predicted")
+    for name in report.classes:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(report.classes, report.confusion, strict=True):
+        confusion.add_row(name, *(str(v) for v in row))
+    parts.append(confusion)
+
+    if not report.subgroups:
+        parts.append(Text(f"{WARN} {NO_SUBGROUPS}", style="yellow"))
+    for column, values in report.subgroups.items():
+        table = Table(title=f"By {column}")
+        table.add_column(column)
+        for col in ("n", "accuracy", "COVID recall", "COVID specificity"):
+            table.add_column(col, justify="right")
+        for value, m in values.items():
+            table.add_row(
+                f"{WARN} {value}" if m.flagged else value,
+                str(m.n),
+                _fmt(m.accuracy),
+                _fmt(m.covid_recall),
+                _fmt(m.covid_specificity),
+                style="red" if m.flagged else None,
+            )
+        parts.append(table)
+
+    parts.append(Text(_adult_line(report.adult)))
+    if report.flagged:
+        flags = Text(f"{WARN} Flagged subgroups:\n", style="bold red")
+        flags.append("\n".join(f"  - {line}" for line in report.flagged), style="red")
+        parts.append(flags)
+    else:
+        parts.append(Text("No subgroup flagged.", style="green"))
+    return Group(*parts)
+
+
+def confusion_png(
+    report: EvalReport, path_or_buffer: str | os.PathLike[str] | IO[bytes], *, title: str = ""
+) -> None:
+    """Write a confusion-matrix heatmap as PNG: counts in cells, colour = row fraction.
+
+    Uses a bare matplotlib Figure with the Agg canvas, so no pyplot and no global backend.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(report.confusion, dtype=np.int64)
+    totals = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
+    k = len(report.classes)
+
+    fig = Figure(figsize=(1.3 * k + 2.2, 1.2 * k + 1.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_xticks(range(k), labels=report.classes)
+    ax.set_yticks(range(k), labels=report.classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if frac[i, j] > 0.5 else "black",
+            )
+    heading = title or "Confusion matrix"
+    ax.set_title(f"{heading}\nn={report.n}, accuracy {report.accuracy:.3f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path_or_buffer, format="png")
+
+
+def _md_cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def per_class_table_markdown(report: EvalReport) -> str:
+    """Markdown: overall line, per-class and confusion tables, subgroup tables, adult, flags."""
+    out = [f"**Overall**: {_overall_line(report)}", ""]
+    out.append(
+        _md_table(
+            ["class", "precision", "recall", "F1", "support"],
+            [
+                [name, _fmt(m.precision), _fmt(m.recall), _fmt(m.f1), str(m.support)]
+                for name, m in report.per_class.items()
+            ],
+        )
+    )
+    out += ["", "**Confusion matrix** (rows true, columns predicted)", ""]
+    out.append(
+        _md_table(
+            ["true \\ predicted", *report.classes],
+            [
+                [name, *(str(v) for v in row)]
+                for name, row in zip(report.classes, report.confusion, strict=True)
+            ],
+        )
+    )
+    out += ["", "### Subgroups", ""]
+    if not report.subgroups:
+        out += [f"{WARN} {NO_SUBGROUPS}", ""]
+    for column, values in report.subgroups.items():
+        out += [f"**By {column}**", ""]
+        out.append(
+            _md_table(
+                [column, "n", "accuracy", "COVID recall", "COVID specificity"],
+                [
+                    [
+                        f"{WARN} {value}" if m.flagged else value,
+                        str(m.n),
+                        _fmt(m.accuracy),
+                        _fmt(m.covid_recall),
+                        _fmt(m.covid_specificity),
+                    ]
+                    for value, m in values.items()
+                ],
+            )
+        )
+        out.append("")
+    out += [f"**{_adult_line(report.adult)}**", ""]
+    if report.flagged:
+        out += [f"**{WARN} Flagged subgroups**", ""]
+        out += [f"- {_md_cell(line)}" for line in report.flagged]
+    else:
+        out.append("No subgroup flagged.")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,279 @@
+"""`covidray ingest SRC DEST`: raw X-ray folders → normalized PNGs + ``manifest.parquet``.
+
+Every input file ends up either as a manifest row or as a row of ``errors.parquet`` with a
+reason code (decode failures, files the layout's metadata excludes, exact duplicates), so
+nothing is lost without a trace. Large inputs are decoded in parallel Ray tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel
+
+from . import storage
+from .config import PSEUDONYM_KEY_ENV, IngestConfig
+from .decode import DecodeError, decode_array, dicom_tags, is_dicom
+from .layouts import Layout, SourceItem, scan
+from .manifest import ERRORS_NAME, MANIFEST_NAME, errors_table, split_by_patient, to_table
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+class IngestResult(BaseModel):
+    """What an ingest wrote, for the CLI's summary table and for callers."""
+
+    layout: str
+    manifest_uri: str
+    errors_uri: str
+    n_inputs: int
+    n_rows: int
+    n_errors: int
+    n_duplicates: int
+    counts: dict[str, dict[str, int]]  # label → split → images
+    error_reasons: dict[str, int]
+
+
+def pseudonymize(patient_id: str, key: bytes) -> str:
+    """Keyed hash of a patient identifier: stable for one key, irreversible without it."""
+    return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a float H×W image (Lanczos, in float) so its shorter side is ``size``."""
+    h, w = image.shape
+    if min(h, w) == size:
+        return image
+    scale = size / min(h, w)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image, mode="F").resize(new, Image.Resampling.LANCZOS))
+
+
+def encode_png(image_u8: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image_u8, mode="L").save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def image_path(image_id: str) -> str:
+    """Where a normalized image lives, relative to the dataset folder."""
+    return f"images/{image_id[:2]}/{image_id}.png"
+
+
+def mask_path(image_id: str) -> str:
+    return f"masks/{image_id[:2]}/{image_id}.png"
+
+
+class Rejected(Exception):
+    """A file refused for a reason of ingest's own (size, pseudonym key, mask)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _error(item: SourceItem, reason: str, detail: str, image_id: str | None) -> dict[str, Any]:
+    return {
+        "error": {"source_uri": item.uri, "reason": reason, "detail": detail, "image_id": image_id}
+    }
+
+
+def _ingest_one(
+    item: SourceItem, dest: str, cfg: IngestConfig, key: bytes | None
+) -> dict[str, Any]:
+    """Read, decode, normalize and store one file: ``{"row": ...}`` or ``{"error": ...}``."""
+    image_id = None
+    try:
+        if storage.size(item.uri) > cfg.decode.max_bytes:
+            raise Rejected("too_large", f"file larger than {cfg.decode.max_bytes} bytes")
+        data = storage.read_bytes(item.uri)
+        image_id = hashlib.sha256(data).hexdigest()
+        image = decode_array(data, max_pixels=cfg.decode.max_pixels)
+        meta = dict(item.meta)
+        if item.from_dicom and is_dicom(data):
+            tags = dicom_tags(data)
+            raw_pid = tags.get("patient_id")
+            if raw_pid and key is None:
+                raise Rejected(
+                    "no_pseudonym_key", "DICOM PatientID present but no pseudonym key configured"
+                )
+            patient = pseudonymize(raw_pid, key) if raw_pid else image_id[:20]
+            meta.update(
+                patient_id=f"dicom:{patient}",
+                view=tags.get("view"),
+                age=tags.get("age"),
+                sex=tags.get("sex"),
+                study_date=tags.get("study_date"),
+                age_group=None
+                if tags.get("age") is None
+                else ("child" if tags["age"] < 18 else "adult"),
+            )
+        elif item.from_dicom:
+            meta.setdefault("patient_id", f"{meta['source']}:{image_id[:20]}")
+        orig_h, orig_w = image.shape
+        stored = to_uint8(resize_shorter_side(image, cfg.size))
+        storage.write_bytes(storage.join(dest, image_path(image_id)), encode_png(stored))
+        row: dict[str, Any] = {
+            **meta,
+            **item.extras,
+            "image_id": image_id,
+            "uri": image_path(image_id),
+            "source_uri": item.uri,
+            "synthetic": False,
+            "width": stored.shape[1],
+            "height": stored.shape[0],
+            "orig_width": int(meta.get("orig_width") or orig_w),
+            "orig_height": int(meta.get("orig_height") or orig_h),
+        }
+        if item.mask_uri:
+            mask = decode_array(storage.read_bytes(item.mask_uri), max_pixels=cfg.decode.max_pixels)
+            if mask.shape != (orig_h, orig_w):
+                raise Rejected("bad_mask", f"mask is {mask.shape[::-1]}, image {(orig_w, orig_h)}")
+            small = Image.fromarray(to_uint8(mask > 0.5), mode="L").resize(
+                (stored.shape[1], stored.shape[0]), Image.Resampling.NEAREST
+            )
+            storage.write_bytes(
+                storage.join(dest, mask_path(image_id)), encode_png(np.asarray(small, np.uint8))
+            )
+            row["mask_uri"] = mask_path(image_id)
+        return {"row": row}
+    except DecodeError as err:
+        return _error(item, err.reason.value, err.detail, image_id)
+    except Rejected as err:
+        return _error(item, err.reason, err.detail, image_id)
+    except (OSError, ValueError) as err:
+        # Storage or metadata problems with this one file; never the whole run.
+        return _error(item, "unreadable", f"{type(err).__name__}: {err}"[:300], image_id)
+
+
+def ingest_chunk(
+    items: Sequence[SourceItem], dest: str, cfg: IngestConfig, key: bytes | None
+) -> list[dict]:
+    return [_ingest_one(item, dest, cfg, key) for item in items]
+
+
+def _run_local(items, dest, cfg, key, progress: Progress | None) -> list[dict]:
+    out = []
+    for i, item in enumerate(items):
+        out.append(_ingest_one(item, dest, cfg, key))
+        if progress:
+            progress(i + 1, len(items))
+    return out
+
+
+def _run_ray(items, dest, cfg, key, progress: Progress | None) -> list[dict]:
+    import ray
+
+    from .raycluster import ensure_ray, worker_runtime_env
+
+    ensure_ray()
+    task = ray.remote(num_cpus=1, max_retries=2)(ingest_chunk).options(
+        runtime_env=worker_runtime_env()
+    )
+    chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
+    pending = {task.remote(chunk, dest, cfg, key): len(chunk) for chunk in chunks}
+    results: dict[Any, list[dict]] = {}
+    order = list(pending)
+    done = 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            results[ref] = ray.get(ref)
+            done += pending.pop(ref)
+            if progress:
+                progress(done, len(items))
+    return [r for ref in order for r in results[ref]]
+
+
+def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
+    """Ingest ``cfg.src`` into ``cfg.dest``; see the module docstring."""
+    layout: Layout = scan(cfg.src, cfg.layout, cfg.labels)
+    key = cfg.pseudonym_key.get_secret_value().encode() if cfg.pseudonym_key else None
+    if key is None and any(item.from_dicom for item in layout.items):
+        raise ValueError(
+            f"DICOM patient IDs are stored only as keyed hashes: set {PSEUDONYM_KEY_ENV} "
+            "(or pseudonym_key in the config) to this site's secret key"
+        )
+    items = layout.items
+    log.info(
+        "ingest: layout %s, %d files, %d excluded by metadata",
+        layout.name,
+        len(items),
+        len(layout.skipped),
+    )
+    runner = _run_ray if len(items) > cfg.parallel_threshold else _run_local
+    results = runner(items, cfg.dest, cfg, key, progress)
+
+    errors = [
+        {"source_uri": s.source_uri, "reason": s.reason, "detail": s.detail, "image_id": None}
+        for s in layout.skipped
+    ]
+    rows: list[dict[str, Any]] = []
+    kept: dict[str, dict[str, Any]] = {}
+    n_duplicates = 0
+    for result in results:
+        if "error" in result:
+            errors.append(result["error"])
+            continue
+        row = result["row"]
+        first = kept.get(row["image_id"])
+        if first is not None:
+            n_duplicates += 1
+            conflict = "" if first.get("label") == row.get("label") else " (with a different label)"
+            errors.append(
+                {
+                    "source_uri": row["source_uri"],
+                    "reason": "duplicate",
+                    "detail": f"same bytes as {first['source_uri']}{conflict}",
+                    "image_id": row["image_id"],
+                }
+            )
+            continue
+        kept[row["image_id"]] = row
+        rows.append(row)
+
+    splits = split_by_patient(
+        [r["patient_id"] for r in rows],
+        [r.get("label") for r in rows],
+        [[r.get(c) for c in cfg.split.stratify if c != "label"] for r in rows],
+        cfg.split,
+    )
+    for row, split in zip(rows, splits, strict=True):
+        row["split"] = split
+    rows.sort(key=lambda r: (r.get("label") or "~", r["patient_id"], r["image_id"]))
+
+    manifest_uri = storage.join(cfg.dest, MANIFEST_NAME)
+    errors_uri = storage.join(cfg.dest, ERRORS_NAME)
+    storage.write_parquet(to_table(rows, layout.extra_columns), manifest_uri)
+    storage.write_parquet(errors_table(errors), errors_uri)
+
+    counts: dict[str, dict[str, int]] = {}
+    for (label, split), n in Counter(
+        (r.get("label") or "unlabelled", r.get("split") or "none") for r in rows
+    ).items():
+        counts.setdefault(label, {})[split] = n
+    return IngestResult(
+        layout=layout.name,
+        manifest_uri=manifest_uri,
+        errors_uri=errors_uri,
+        n_inputs=len(items) + len(layout.skipped),
+        n_rows=len(rows),
+        n_errors=len(errors) - n_duplicates,
+        n_duplicates=n_duplicates,
+        counts=counts,
+        error_reasons=dict(Counter(e["reason"] for e in errors)),
+    )

@@ -1,0 +1,152 @@
+"""The dataset manifest: its Parquet schema, reading and writing, and the patient-level split."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+from .config import SplitConfig
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# Core columns, in order. Sources may add further (string) columns; those are kept after these.
+SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),  # sha256 of the raw input bytes
+        pa.field("uri", pa.string(), nullable=False),  # normalized image, relative to the manifest
+        pa.field("label", pa.string()),  # covid | pneumonia | normal | null (unlabelled)
+        pa.field("subtype", pa.string()),  # covid19 | viral | bacterial | unknown | normal
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("view", pa.string()),
+        pa.field("age_group", pa.string()),  # child | adult | null
+        pa.field("age", pa.float32()),
+        pa.field("sex", pa.string()),
+        pa.field("study_day", pa.float32()),  # offset in days, where known
+        pa.field("study_date", pa.string()),  # ISO date, where known
+        pa.field("source", pa.string(), nullable=False),  # originating dataset
+        pa.field("source_repo", pa.string()),
+        pa.field("source_uri", pa.string()),  # where the raw input was read
+        pa.field("split", pa.string()),  # train | val | test | null (unlabelled)
+        pa.field("synthetic", pa.bool_(), nullable=False),  # made by a generator (CycleGAN)
+        pa.field("source_image_id", pa.string()),  # for synthetic rows: the translated input
+        pa.field("generator_version", pa.string()),  # for synthetic rows
+        pa.field("mask_uri", pa.string()),  # lesion mask (phantoms), relative to the manifest
+        pa.field("width", pa.int32(), nullable=False),  # of the stored image
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("orig_width", pa.int32()),
+        pa.field("orig_height", pa.int32()),
+    ]
+)
+CORE_COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("image_id", pa.string()),
+    ]
+)
+
+MANIFEST_NAME = "manifest.parquet"
+ERRORS_NAME = "errors.parquet"
+
+
+def to_table(rows: Sequence[Mapping[str, Any]], extra_columns: Iterable[str] = ()) -> pa.Table:
+    """Rows (dicts) → a manifest table: core columns typed, extra columns as strings."""
+    extras = [c for c in dict.fromkeys(extra_columns) if c not in CORE_COLUMNS]
+    fields = list(SCHEMA) + [pa.field(c, pa.string()) for c in extras]
+    schema = pa.schema(fields)
+    columns = {}
+    for field in fields:
+        values = [row.get(field.name) for row in rows]
+        if field.name in extras:
+            values = [None if v is None else str(v) for v in values]
+        if field.name == "synthetic":
+            values = [bool(v) for v in values]
+        columns[field.name] = pa.array(values, type=field.type)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def errors_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([dict(r) for r in rows], schema=ERRORS_SCHEMA)
+
+
+def read_manifest(uri: str) -> pa.Table:
+    """Read a manifest (a ``manifest.parquet`` file or the folder holding it)."""
+    if not uri.endswith(".parquet"):
+        uri = storage.join(uri, MANIFEST_NAME)
+    table = storage.read_parquet(uri)
+    missing = [
+        c
+        for c in ("image_id", "uri", "label", "patient_id", "split")
+        if c not in table.schema.names
+    ]
+    if missing:
+        raise ValueError(f"{uri} is not a covidray manifest (missing columns {missing})")
+    return table
+
+
+def manifest_base(uri: str) -> str:
+    """The folder that relative ``uri`` values of the manifest at ``uri`` are relative to."""
+    return storage.parent(uri) if uri.endswith(".parquet") else uri
+
+
+def split_by_patient(
+    patient_ids: Sequence[str],
+    labels: Sequence[str | None],
+    strata: Sequence[Sequence[Any]] | None = None,
+    config: SplitConfig = SplitConfig(),
+) -> list[str | None]:
+    """Assign each row to train/val/test so that no patient is in two splits.
+
+    Patients are grouped by stratum (by default the label and age group of their first
+    labelled row), shuffled with ``config.seed`` and handed out one by one to the split whose
+    image count lags its target fraction the most. Unlabelled rows get ``None``. The result
+    depends only on the rows and the seed, not on their order.
+    """
+    n = len(patient_ids)
+    strata = strata if strata is not None else [() for _ in range(n)]
+    images_per_patient: Counter[str] = Counter()
+    patient_stratum: dict[str, tuple] = {}
+    for pid, label, stratum in zip(patient_ids, labels, strata, strict=True):
+        if label is None:
+            continue
+        images_per_patient[pid] += 1
+        key = (label, *tuple("" if s is None else str(s) for s in stratum))
+        # A patient with rows of several strata is placed by its smallest stratum key.
+        patient_stratum[pid] = min(patient_stratum.get(pid, key), key)
+
+    by_stratum: dict[tuple, list[str]] = defaultdict(list)
+    for pid in sorted(patient_stratum):
+        by_stratum[patient_stratum[pid]].append(pid)
+
+    rng = np.random.default_rng(config.seed)
+    fractions = np.asarray(config.fractions, dtype=float)
+    assignment: dict[str, str] = {}
+    for key in sorted(by_stratum):
+        patients = by_stratum[key]
+        order = rng.permutation(len(patients))
+        total = sum(images_per_patient[p] for p in patients)
+        counts = np.zeros(len(SPLITS))
+        for i in order:
+            pid = patients[i]
+            # Deficit against the target after adding this patient; ties go to train first.
+            deficit = fractions * total - counts
+            # Guarantee every split with a positive fraction one patient when there are enough.
+            empty = [s for s in range(len(SPLITS)) if counts[s] == 0 and fractions[s] > 0]
+            if empty and len(patients) >= np.count_nonzero(fractions) and counts.sum() > 0:
+                choice = empty[0]
+            else:
+                choice = int(np.argmax(deficit))
+            assignment[pid] = SPLITS[choice]
+            counts[choice] += images_per_patient[pid]
+    return [
+        assignment.get(pid) if label is not None else None
+        for pid, label in zip(patient_ids, labels, strict=True)
+    ]

@@ -1,0 +1,82 @@
+"""Shared fixtures: one moto S3 server and one local Ray per test session, temp folders.
+
+Everything runs on 127.0.0.1: the S3 server is moto's real HTTP server, Ray is a real local
+cluster. Nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+# No traffic beyond loopback: no EC2 metadata lookups, no Ray usage reports.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Ray 2.60 turns token auth on after its first ray.init; set the mode for server and clients.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("RAY_ADDRESS", None)
+
+SHARED_CXR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (random port), with AWS_* settings pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    patch = pytest.MonkeyPatch()
+    for key, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        patch.setenv(key, value)
+    yield endpoint
+    patch.undo()
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket; returns ``s3://name``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    # No region in the client kwargs: moto rejects a LocationConstraint for us-east-1.
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray for the session. 4 logical CPUs on 2 cores, so 2 one-CPU Train workers
+    that read through Ray Data still leave CPUs for the reads."""
+    import ray
+
+    from covidray.raycluster import worker_runtime_env
+
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env=worker_runtime_env(),
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_cxr() -> Path:
+    """The real chest X-rays shipped beside the project; tests needing them skip without."""
+    if not (SHARED_CXR / "manifest.csv").exists():
+        pytest.skip(f"real X-rays not present at {SHARED_CXR}")
+    return SHARED_CXR
