@@ -44,18 +44,17 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 def summary_table(result) -> Table:
     table = Table(title=f"{result.n_rows} images ingested ({result.layout} layout)")
     table.add_column("class")
-    for split in (*SPLITS, "none"):
-        table.add_column(split, justify="right")
+    unsplit = any("none" in per for per in result.counts.values())
+    columns = (*SPLITS, "none") if unsplit else SPLITS
+    for split in columns:
+        table.add_column("not split" if split == "none" else split, justify="right")
     table.add_column("total", justify="right")
-    labels = [c for c in CLASSES if c in result.counts] + [
-        c for c in result.counts if c not in CLASSES
-    ]
+    labels = [c for c in CLASSES if c in result.counts]
+    labels += sorted(c for c in result.counts if c not in CLASSES)
     for label in labels:
         per = result.counts[label]
-        table.add_row(
-            label, *[str(per.get(s, 0)) for s in (*SPLITS, "none")], str(sum(per.values()))
-        )
-    totals = [sum(result.counts[label].get(s, 0) for label in labels) for s in (*SPLITS, "none")]
+        table.add_row(label, *[str(per.get(s, 0)) for s in columns], str(sum(per.values())))
+    totals = [sum(result.counts[label].get(s, 0) for label in labels) for s in columns]
     table.add_row("[bold]total", *[str(t) for t in totals], str(sum(totals)))
     return table
 

@@ -16,7 +16,9 @@ Conventions (one meaning for "decoded correctly"):
 * DICOM: the modality LUT (rescale slope/intercept), then the VOI LUT or window when the dataset
   has a valid one (an invalid one, e.g. width < 1, is ignored), then min-max scaling;
   MONOCHROME1 is inverted afterwards (``1 - value``). RGB DICOMs are treated like RGB images
-  (8-bit: luminance / 255; deeper: float luminance, min-max scaled).
+  (8-bit: luminance / 255; deeper: float luminance, min-max scaled). pydicom's
+  ``apply_modality_lut``/``apply_voi_lut`` define the result; the common case (integer pixels,
+  positive rescale slope, LINEAR window) takes an equivalent float32 shortcut.
 * Only single images: multi-frame DICOMs and multi-page TIFF, animated GIF/PNG/WEBP are refused
   (MULTIFRAME); an MPO (camera JPEG with extra preview frames) gives its first, main picture.
 
@@ -597,7 +599,7 @@ def _ts(tsyntax: Any) -> str:
 
 
 def _dicom_to_unit(arr: np.ndarray, ds: Any) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut
 
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
     if photometric == "PALETTE COLOR" and arr.ndim == 2:
@@ -612,15 +614,81 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any) -> np.ndarray:
     if arr.ndim != 2:
         raise DecodeError(_R.UNSUPPORTED, f"DICOM pixel array has shape {arr.shape}")
 
+    out = _mono_fast(arr, ds, photometric)
+    if out is None:
+        out = _mono_pydicom(arr, ds)
+    if photometric == "MONOCHROME1":
+        np.subtract(1.0, out, out=out)
+    return out
+
+
+def _mono_pydicom(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Modality LUT, VOI LUT or window (pydicom), then min-max: the reference pipeline."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     arr = apply_modality_lut(arr, ds)
     try:
         arr = apply_voi_lut(_clip_to_voi_lut(arr, ds), ds)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError):
         pass  # invalid VOI LUT / window (e.g. width < 1): documented as ignored
-    out = _minmax(np.asarray(arr))
-    if photometric == "MONOCHROME1":
-        np.subtract(1.0, out, out=out)
-    return out
+    return _minmax(np.asarray(arr))
+
+
+def _mono_fast(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray | None:
+    """The same result as _mono_pydicom for the common case (integer pixels, rescale with a
+    positive slope, LINEAR window or none), in float32 and several times faster; None when the
+    case is not covered.
+
+    Min-max scaling makes any increasing affine map irrelevant, so the rescale only matters
+    through the window, and pydicom's output range (y_min..y_max) not at all.
+    """
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2:
+        return None
+    if ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
+        return None
+    try:
+        slope, intercept = 1.0, 0.0
+        if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+            slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        window = None
+        if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+            if str(ds.get("VOILUTFunction") or "LINEAR").strip().upper() != "LINEAR":
+                return None
+            window = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return None
+    if not (slope > 0 and np.isfinite(slope) and np.isfinite(intercept)):
+        return None
+    if window is None or not np.isfinite(window).all():
+        return _minmax(arr) if window is None else None
+    center, width = window
+    if width < 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return _minmax(arr)  # pydicom refuses such a window; it is ignored
+    # Stored value nearest the window's centre: subtracting it (exact for 16-bit integers)
+    # before scaling keeps float32 precise near the window whatever the offsets.
+    info = np.iinfo(arr.dtype)
+    k = min(max(round(((center - 0.5) - intercept) / slope), info.min), info.max)
+    if width == 1:  # LINEAR with width 1 is a threshold
+        return _minmax((arr.astype(np.float32) * slope + intercept > center - 0.5).view(np.uint8))
+    t = arr.astype(np.float32)
+    t -= k
+    t *= slope / (width - 1)
+    t += (k * slope + intercept - (center - 0.5)) / (width - 1) + 0.5
+    np.clip(t, 0.0, 1.0, out=t)
+    lo, hi = float(t.min()), float(t.max())
+    if not hi > lo:
+        return np.zeros(t.shape, np.float32)
+    if lo != 0.0 or hi != 1.0:
+        t -= lo
+        t /= hi - lo
+    return t
+
+
+def _first_value(value: Any) -> float:
+    """A DS value, or the first of several (WindowCenter/Width may hold one per VOI)."""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
 
 
 def _clip_to_voi_lut(arr: np.ndarray, ds: Any) -> np.ndarray:

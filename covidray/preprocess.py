@@ -19,7 +19,9 @@ def to_model_input(image: torch.Tensor, size: int = DEFAULT_SIZE) -> torch.Tenso
     x = image if batched else image.unsqueeze(0)
     x = x.float()
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
         x = x.clamp_(0.0, 1.0)
     return x if batched else x.squeeze(0)
 

@@ -438,7 +438,7 @@ def bad_files(rng: np.random.Generator, base_png: bytes) -> list[OddFile]:
     out.append(_bad("drawing.svg", svg.encode(), "not_an_image"))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("xray.png", png)
+        zf.writestr(zipfile.ZipInfo("xray.png", date_time=(2020, 3, 15, 0, 0, 0)), png)
     out.append(_bad("archive.zip", buf.getvalue(), "not_an_image"))
     pdf = b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\n" + rng.bytes(300)
     out.append(_bad("scan.pdf", pdf + b"\n%%EOF\n", "not_an_image"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 import time
@@ -345,6 +346,43 @@ def test_rescale_applies_before_window() -> None:
     assert np.all(out[v < 500] == 0.0) and np.all(out[v > 1030] == 1.0)
     mid = (v > 600) & (v < 900)
     np.testing.assert_allclose(out[mid], (2.0 * v[mid] - 1024.0) / 1000.0, atol=1e-6)
+
+
+def test_fast_mono_path_matches_pydicom_pipeline() -> None:
+    """The float32 shortcut for rescale + LINEAR window gives pydicom's pipeline result."""
+    import pydicom
+
+    from covidray.decode import _mono_fast, _mono_pydicom
+
+    rng = np.random.default_rng(7)
+    covered = 0
+    for trial in range(120):
+        dtype = [np.uint16, np.int16, np.uint8][trial % 3]
+        info = np.iinfo(dtype)
+        bits = 8 if dtype == np.uint8 else int(rng.choice([12, 16]))
+        lo = 0 if info.min == 0 else -(2 ** (bits - 1))
+        hi = 2**bits - 1 if info.min == 0 else 2 ** (bits - 1) - 1
+        v = rng.integers(lo, hi + 1, (24, 32)).astype(dtype)
+        kw: dict[str, object] = {}
+        slope, intercept = 1.0, 0.0
+        if trial % 4:
+            slope = float(rng.choice([1.0, 0.5, 2.5, 0.01]))
+            intercept = float(rng.choice([0.0, -1024.0, 3.7]))
+            kw.update(RescaleSlope=slope, RescaleIntercept=intercept)
+        if trial % 5:
+            center = float(rng.uniform(lo, hi)) * slope + intercept
+            width = float(rng.choice([0.5, 1.0, 2.0, 37.0, rng.uniform(1, (hi - lo) * slope)]))
+            kw.update(WindowCenter=round(center, 3), WindowWidth=round(width, 3))
+            if trial % 7 == 0:
+                kw.update(VOILUTFunction="LINEAR")
+        ds = pydicom.dcmread(io.BytesIO(dicom_bytes(v, bits_stored=bits, **kw)))
+        arr = ds.pixel_array
+        fast = _mono_fast(arr, ds, "MONOCHROME2")
+        assert fast is not None, kw
+        covered += 1
+        assert fast.dtype == np.float32
+        np.testing.assert_allclose(fast, _mono_pydicom(arr, ds), atol=2e-6, err_msg=str(kw))
+    assert covered == 120
 
 
 def test_dicom_tags() -> None:

@@ -22,7 +22,6 @@ from covidray.ingest import ingest, resize_shorter_side, to_uint8
 from covidray.manifest import read_manifest
 from covidray.synth import write_phantoms
 
-
 EXPECTED = {"covid": 154, "pneumonia": 271, "normal": 280}
 
 

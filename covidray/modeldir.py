@@ -1,0 +1,216 @@
+"""The model directory: what training writes and serving/evaluation load (local or s3://).
+
+Layout::
+
+    <uri>/weights.safetensors   CxrClassifier state dict (safetensors: no pickle)
+    <uri>/model_card.json       ModelCard: architecture, preprocessing, metrics, provenance
+    <uri>/metrics.json          evaluation reports (EvalReport.to_json) per split
+    <uri>/confusion.png         confusion matrix of the test split (val when there is none)
+    <uri>/per_class.md          per-class and subgroup tables per split
+
+``model_version`` is the first 12 hex digits of the weights file's sha256; loading verifies the
+full digest, so a changed or corrupted weights file is refused with :class:`ModelLoadError`.
+The card is written last: a directory with a card is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__, storage
+from .labels import CLASSES
+
+if TYPE_CHECKING:
+    import torch
+
+    from .metrics import EvalReport
+    from .models import CxrClassifier
+
+WEIGHTS_NAME = "weights.safetensors"
+CARD_NAME = "model_card.json"
+METRICS_NAME = "metrics.json"
+CONFUSION_NAME = "confusion.png"
+PER_CLASS_NAME = "per_class.md"
+CARD_SCHEMA_VERSION = 1
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory could not be read, verified or loaded."""
+
+
+class Preprocessing(BaseModel):
+    """How an image must be prepared for the model (see decode.py and preprocess.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_size: int
+    value_range: str = "decode_image: float [0, 1], 1×H×W"
+    channels: str = "gray→3 replicated"
+    resize: str = "squash bilinear antialias"
+    normalization: dict[str, list[float]]  # mean/std per replicated channel, inside the model
+
+
+class ModelCard(BaseModel):
+    """Everything needed to rebuild, trust and reproduce a trained model."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    schema_version: int = CARD_SCHEMA_VERSION
+    model_version: str = ""  # first 12 hex of sha256(weights.safetensors); set when saved
+    weights_sha256: str = ""
+    backbone: str
+    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
+    num_classes: int
+    head: str
+    architecture: dict[str, Any]  # keyword arguments of covidray.models.build_model
+    preprocessing: Preprocessing
+    tta_hflip: bool = False  # average with the mirrored image at inference
+    training_data_hash: str | None = None  # see covidray.train.data.training_data_hash
+    metrics: dict[str, Any] = Field(default_factory=dict)  # split -> EvalReport.to_json()
+    training: dict[str, Any] = Field(default_factory=dict)  # best epoch, history, wall time
+    training_config: dict[str, Any] | None = None
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    code_version: str = Field(default_factory=lambda: code_version())
+
+    @classmethod
+    def for_model(cls, model: CxrClassifier, input_size: int, **fields: Any) -> ModelCard:
+        """A card describing ``model``'s architecture and preprocessing."""
+        mean, std = model.normalization
+        return cls(
+            backbone=model.backbone_name,
+            classes=list(CLASSES[: model.num_classes]),
+            num_classes=model.num_classes,
+            head=model.head_type,
+            architecture=dict(model.config),
+            preprocessing=Preprocessing(
+                input_size=input_size,
+                normalization={"mean": list(mean), "std": list(std)},
+            ),
+            **fields,
+        )
+
+
+def code_version() -> str:
+    """``covidray.__version__`` plus the git commit of the source tree, when there is one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+git.{commit}" if commit else f"{__version__}+unknown"
+
+
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    """The model's state dict as safetensors bytes (CPU, contiguous; DDP prefix stripped)."""
+    from safetensors.torch import save
+
+    inner = getattr(model, "module", model)
+    state = {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
+    return save(state, metadata={"format": "pt"})
+
+
+def save_model_dir(
+    model: torch.nn.Module,
+    card: ModelCard,
+    uri: str,
+    reports: dict[str, EvalReport] | None = None,
+) -> ModelCard:
+    """Write a model directory at ``uri``; returns the card as saved (with model_version).
+
+    ``reports`` (split -> EvalReport) go into metrics.json, per_class.md, confusion.png (test,
+    else val) and the card's ``metrics``.
+    """
+    data = weights_bytes(model)
+    digest = hashlib.sha256(data).hexdigest()
+    metrics = dict(card.metrics)
+    reports = reports or {}
+    metrics.update({split: r.to_json() for split, r in reports.items()})
+    card = card.model_copy(
+        update={"model_version": digest[:12], "weights_sha256": digest, "metrics": metrics}
+    )
+    ModelCard.model_validate(card.model_dump())  # fail before writing anything
+    storage.makedirs(uri)
+    storage.write_bytes(storage.join(uri, WEIGHTS_NAME), data)
+    storage.write_text(storage.join(uri, METRICS_NAME), json.dumps(metrics, indent=2) + "\n")
+    if reports:
+        from .evaluation import confusion_png, per_class_table_markdown
+
+        main = "test" if "test" in reports else next(iter(reports))
+        buf = io.BytesIO()
+        confusion_png(reports[main], buf, title=f"{card.backbone} {digest[:12]} ({main})")
+        storage.write_bytes(storage.join(uri, CONFUSION_NAME), buf.getvalue())
+        md = [f"# {card.backbone} model {digest[:12]}\n"]
+        for split, report in reports.items():
+            md += [f"## {split} split\n", per_class_table_markdown(report)]
+        storage.write_text(storage.join(uri, PER_CLASS_NAME), "\n".join(md))
+    storage.write_text(storage.join(uri, CARD_NAME), card.model_dump_json(indent=2) + "\n")
+    return card
+
+
+def read_card(uri: str) -> ModelCard:
+    """The model card of the model directory ``uri``."""
+    path = storage.join(uri, CARD_NAME)
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"not a model directory: {path} does not exist") from None
+    try:
+        return ModelCard.model_validate_json(text)
+    except ValidationError as e:
+        raise ModelLoadError(f"{path} is not a valid model card: {e}") from None
+
+
+def load_model_dir(
+    uri: str, device: str | torch.device | None = None
+) -> tuple[CxrClassifier, ModelCard]:
+    """Load the model directory ``uri``: verified weights (safetensors, no pickle), eval mode.
+
+    Raises :class:`ModelLoadError` when the card is missing or invalid, or the weights are
+    missing, differ from the card's sha256, or do not fit the architecture.
+    """
+    from safetensors.torch import load
+
+    from .models import build_model
+
+    card = read_card(uri)
+    path = storage.join(uri, WEIGHTS_NAME)
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"model directory {uri} has no {WEIGHTS_NAME}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card.weights_sha256 or digest[:12] != card.model_version:
+        raise ModelLoadError(
+            f"{path} does not match its model card: sha256 {digest[:12]}… but the card "
+            f"(model_version {card.model_version}) expects {card.weights_sha256[:12]}…. The "
+            "weights file is corrupted, truncated or was replaced; re-copy the whole model "
+            "directory."
+        )
+    try:
+        state = load(data)
+    except Exception as e:  # safetensors' own error types
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from None
+    try:
+        model = build_model(**card.architecture, weights=None)
+        model.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise ModelLoadError(f"weights in {uri} do not fit {card.architecture}: {e}") from e
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, card

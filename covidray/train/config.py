@@ -1,0 +1,98 @@
+"""`covidray train` options: one pydantic model, loadable from YAML (see covidray.config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..augment import AugmentConfig
+from ..config import _Config
+from ..models import BACKBONES, HEADS
+
+
+class TrainConfig(_Config):
+    """Everything one training run needs. Defaults are the tuned single-CPU-worker recipe."""
+
+    data: str = Field(description="dataset folder or manifest.parquet (local or s3://)")
+    out: str = Field(description="output folder: <out>/model, <out>/ray (checkpoints)")
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = Field(
+        "imagenet", description='"imagenet", "imagenet:<variant>", a path/URI, or None (random)'
+    )
+    weights_sha256: str | None = None
+    head: str = "paper"
+    freeze: str = Field("none", description='"none", "backbone" or "top:N"')
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=2, description="per worker")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.02, ge=0, le=1, description="final lr / peak lr (cosine)")
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    input_size: int = Field(224, ge=32, le=1024)
+
+    workers: int = Field(1, ge=1, description="Ray Train workers")
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has any")
+    torch_threads: int | None = Field(
+        None, ge=1, description="threads per worker; None: CPUs of this node / workers"
+    )
+
+    balance: Literal["none", "class", "class_source"] = Field(
+        "class_source",
+        description=(
+            "sampling weights: none; equal mass per class; or equal mass per class and, within "
+            "a class, mass per source proportional to n_source**(1 - source_balance_power)"
+        ),
+    )
+    source_balance_power: float = Field(
+        0.5, ge=0, le=1, description="0: sources weighted by size, 1: every source equal"
+    )
+    augment: AugmentConfig = AugmentConfig()
+    augment_with: str | None = Field(
+        None, description="dataset/manifest of extra (e.g. synthetic) rows, added to TRAIN only"
+    )
+
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val macro-F1"
+    )
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from a checkpoint")
+    num_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept")
+    run_name: str | None = Field(
+        None, description="Ray Train run name; reusing one with the same out resumes that run"
+    )
+    seed: int = 0
+    tta_hflip: bool = Field(True, description="average predictions over a horizontal flip")
+    eval_batch_size: int = Field(64, ge=1)
+
+    @field_validator("weights", "weights_sha256", "augment_with", mode="before")
+    @classmethod
+    def _none_words(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().lower() in ("", "none", "null", "random"):
+            return None
+        return v
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; expected one of {BACKBONES}")
+        return v
+
+    @field_validator("head")
+    @classmethod
+    def _known_head(cls, v: str) -> str:
+        if v not in HEADS:
+            raise ValueError(f"unknown head {v!r}; expected one of {HEADS}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        from ..models import get_spec, parse_freeze
+
+        parse_freeze(self.freeze, len(get_spec(self.backbone).blocks))
+        if self.warmup_epochs > self.epochs:
+            raise ValueError("warmup_epochs must not exceed epochs")
+        return self

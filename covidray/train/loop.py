@@ -1,0 +1,291 @@
+"""The per-worker training function that Ray Train's TorchTrainer runs on every worker.
+
+Per epoch: balanced sampling from the worker's decode-once cache, kornia augmentation on the
+batch's device, AdamW with warmup + cosine schedule, label-smoothed cross-entropy (autocast and
+channels_last on CUDA only), then validation (sharded, gathered, identical on every rank) and
+``ray.train.report`` with a checkpoint from rank 0. A checkpoint holds the latest model,
+optimizer, scheduler and scaler state, the epoch, the history and the best-so-far weights
+(``best.safetensors``), so a restarted worker group resumes at checkpoint epoch + 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..augment import build_augmentation
+from ..labels import CLASSES
+from ..metrics import evaluate_predictions
+from ..models import build_model
+from ..preprocess import from_uint8
+from .config import TrainConfig
+from .data import EpochSampler, load_images, load_rows, sample_weights, shard_indices
+from .evaluate import predict_probs
+
+STATE_NAME = "state.pt"
+BEST_NAME = "best.safetensors"
+
+# Called before every optimizer step as hook(epoch=..., step=..., rank=...); for fault drills.
+StepHook = Callable[..., None]
+
+
+def default_threads(workers: int) -> int:
+    """Threads per worker when not configured: this node's CPUs shared by the workers."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step ``s``: linear warmup, then cosine/constant."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters; no weight decay on biases and normalization parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def adam_step(optimizer: torch.optim.Optimizer) -> int:
+    """Steps taken so far, from the optimizer's own state (0 before the first step)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(float(state["step"]))
+    return 0
+
+
+def _distributed(world: int) -> bool:
+    return world > 1 and dist.is_available() and dist.is_initialized()
+
+
+def gather_rows(local: torch.Tensor, n_total: int, world: int, rank: int) -> torch.Tensor:
+    """Rows dealt ``[rank::world]`` to each worker, gathered back in their original order."""
+    if not _distributed(world):
+        return local
+    per = math.ceil(n_total / world)
+    padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        count = len(range(r, n_total, world))
+        out[r::world] = part[:count].cpu()
+    return out
+
+
+def all_reduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if _distributed(world):
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _save_checkpoint(directory: str, state: dict[str, Any], best: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    torch.save(state, os.path.join(directory, STATE_NAME))
+    save_file({k: v.contiguous() for k, v in best.items()}, os.path.join(directory, BEST_NAME))
+
+
+def load_checkpoint(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(state, best_weights)`` of a training checkpoint directory (no arbitrary unpickling)."""
+    from safetensors.torch import load_file
+
+    state = torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
+    return state, load_file(os.path.join(directory, BEST_NAME))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``{"cfg": TrainConfig dump, "step_hook": ...}``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    hook: StepHook | None = config.get("step_hook")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or default_threads(cfg.workers))
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+
+    # --- data: this worker's train shard and val shard, decoded once -----------------------
+    t0 = time.perf_counter()
+    rows = load_rows(cfg.data, cfg.augment_with)
+    train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
+    val_rows = rows[rows["split"] == "val"].reset_index(drop=True)
+    if train_rows.empty or val_rows.empty:
+        raise ValueError(f"{cfg.data}: need labelled train and val rows")
+    weights = sample_weights(
+        train_rows["y"].to_numpy(),
+        train_rows["source"].to_numpy(),
+        cfg.balance,
+        cfg.source_balance_power,
+    )
+    shard = shard_indices(len(train_rows), rank, world, cfg.seed)
+    train_x = load_images([train_rows["uri"][i] for i in shard], cfg.input_size)
+    train_y = torch.as_tensor(train_rows["y"].to_numpy()[shard], dtype=torch.long)
+    sampler = EpochSampler(weights[shard], len(train_rows), world, cfg.batch_size, cfg.seed)
+    val_uris = list(val_rows["uri"])[rank::world]
+    val_x = load_images(val_uris, cfg.input_size)
+    val_y = val_rows["y"].to_numpy()
+    load_s = time.perf_counter() - t0
+
+    # --- model, optimizer, schedule -------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        cfg.backbone,
+        len(CLASSES),
+        cfg.weights,
+        head=cfg.head,
+        freeze=cfg.freeze,
+        weights_sha256=cfg.weights_sha256,
+    )
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, sampler.steps))
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+
+    start_epoch, history = 0, []
+    best: dict[str, Any] = {"epoch": -1, "macro_f1": -1.0, "val_loss": math.inf, "bad_epochs": 0}
+    best_state: dict[str, torch.Tensor] = {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state, best_state = load_checkpoint(d)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        best, history = dict(state["best"]), list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+        if state.get("stopped"):
+            start_epoch = cfg.epochs
+    steps_at_start = adam_step(optimizer)
+
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    inner: nn.Module = getattr(model, "module", model)
+    augment = build_augmentation(cfg.augment).to(device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
+        torch.manual_seed(cfg.seed * 7919 + epoch * 131 + rank)  # augmentation, dropout
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for step, idx in enumerate(sampler.batches(epoch, rank)):
+            if hook is not None:
+                hook(epoch=epoch, step=step, rank=rank)
+            x = from_uint8(train_x[idx].to(device, non_blocking=True))
+            y = train_y[idx].to(device, non_blocking=True)
+            with torch.no_grad():
+                x = augment(x)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda):
+                logits = model(x)
+            loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach().double() * len(y)
+            seen += len(y)
+        train_loss_sum, train_n = all_reduce_sum([float(loss_sum), seen], device, world)
+
+        # --- validation: every rank ends up with the same full-set metrics ---------------
+        local = predict_probs(
+            inner,
+            val_x,
+            batch_size=cfg.eval_batch_size,
+            tta_hflip=cfg.tta_hflip,
+            device=device,
+            autocast=cuda,
+        )
+        probs = gather_rows(torch.from_numpy(local).to(device), len(val_y), world, rank).numpy()
+        probs = probs / probs.sum(axis=1, keepdims=True)
+        report = evaluate_predictions(probs, val_y)
+        val_loss = float(-np.log(np.clip(probs[np.arange(len(val_y)), val_y], 1e-12, 1)).mean())
+        improved = report.macro_f1 > best["macro_f1"] + 1e-9 or (
+            abs(report.macro_f1 - best["macro_f1"]) <= 1e-9 and val_loss < best["val_loss"]
+        )
+        if improved:
+            best = {"epoch": epoch, "macro_f1": report.macro_f1, "val_loss": val_loss}
+            best["bad_epochs"] = 0
+            best_state = _cpu_state(inner)
+        else:
+            best["bad_epochs"] += 1
+        stop = (
+            cfg.early_stopping_patience is not None
+            and best["bad_epochs"] >= cfg.early_stopping_patience
+        )
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss_sum / max(1.0, train_n),
+            "val_loss": val_loss,
+            "val_macro_f1": report.macro_f1,
+            "val_accuracy": report.accuracy,
+            "val_covid_recall": report.covid_recall,
+            "lr": scheduler.get_last_lr()[0],
+            "best_epoch": best["epoch"],
+            "best_val_macro_f1": best["macro_f1"],
+            "start_epoch": start_epoch,
+            "resumed": checkpoint is not None,
+            "adam_step_at_start": steps_at_start,
+            "adam_step": adam_step(optimizer),
+            "epoch_s": time.perf_counter() - t_epoch,
+            "data_load_s": load_s,
+            "stopped_early": stop,
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory(prefix="covidray-ckpt-") as tmp:
+            ckpt = None
+            if rank == 0:
+                state = {
+                    "model": _cpu_state(inner),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "history": history,
+                    "stopped": stop,
+                }
+                _save_checkpoint(tmp, state, best_state)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stop:
+            break

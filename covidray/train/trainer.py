@@ -1,0 +1,232 @@
+"""Driver side of training: Ray Train setup, per-epoch progress, final evaluation, artifacts.
+
+``run_training(cfg)`` starts a ``TorchTrainer`` whose checkpoints go to ``<out>/ray/<run name>``
+(local or S3, through the same filesystem settings as covidray.storage), retries failed worker
+groups from the latest checkpoint (``FailureConfig(max_failures)``), then takes the best
+epoch's weights from the final checkpoint, scores them on val and test with subgroup
+breakdowns and writes the model directory ``<out>/model`` (see covidray.modeldir).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from .. import storage
+from ..labels import CLASSES
+from ..modeldir import ModelCard, save_model_dir
+from ..raycluster import ensure_ray, worker_runtime_env
+from .config import TrainConfig
+from .data import load_rows, training_data_hash
+from .evaluate import evaluate_rows
+from .loop import StepHook, load_checkpoint, train_loop_per_worker
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainResult(BaseModel):
+    """What a finished run produced."""
+
+    model_uri: str
+    model_version: str
+    run_path: str  # Ray Train run folder (checkpoints)
+    best_epoch: int
+    reports: dict[str, dict[str, Any]]  # split -> EvalReport.to_json()
+    history: list[dict[str, Any]]  # per-epoch metrics, across restarts
+    wall_s: float
+
+
+def epoch_line(m: dict[str, Any], epochs: int) -> str:
+    """One human-readable line for an epoch's reported metrics."""
+    flags = (
+        " [yellow](resumed)[/yellow]" if m.get("resumed") and m["epoch"] == m["start_epoch"] else ""
+    )
+    return (
+        f"epoch {m['epoch'] + 1:>3}/{epochs}  loss {m['train_loss']:.4f}  "
+        f"val loss {m['val_loss']:.4f}  val macro-F1 {m['val_macro_f1']:.3f}  "
+        f"acc {m['val_accuracy']:.3f}  COVID recall {m['val_covid_recall']:.3f}  "
+        f"lr {m['lr']:.2e}  best {m['best_val_macro_f1']:.3f}@{m['best_epoch'] + 1}  "
+        f"{m['epoch_s']:.0f} s{flags}"
+    )
+
+
+def _default_printer(epochs: int) -> EpochCallback:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def show(m: dict[str, Any]) -> None:
+        if m.get("event") == "failure":
+            console.print(f"[red]worker failure[/red] {m['errors']}: restarting from checkpoint")
+        else:
+            console.print(epoch_line(m, epochs), highlight=False)
+
+    return show
+
+
+def _progress_callback(queue: Any) -> Any:
+    """A Ray Train UserCallback (runs in the controller) forwarding rank 0's metrics."""
+    from ray.train import UserCallback
+
+    class _ForwardMetrics(UserCallback):
+        def __init__(self, q: Any) -> None:
+            self.q = q
+
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            if metrics:
+                self.q.actor.put_nowait.remote(dict(metrics[0]))  # fire and forget
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+            errors = {
+                int(r): f"{type(e).__name__}: {e}"[:300] for r, e in worker_exceptions.items()
+            }
+            self.q.actor.put_nowait.remote({"event": "failure", "errors": errors})
+
+    return _ForwardMetrics(queue)
+
+
+def _storage_args(cfg: TrainConfig) -> tuple[str, Any, str]:
+    """``(storage_path, storage_filesystem, run root URI)`` for Ray Train's RunConfig."""
+    root = storage.normalize(storage.join(cfg.out, "ray"))
+    if storage.is_remote(root):
+        fs, path = storage.pyarrow_filesystem(root)
+        return path, fs, root
+    storage.makedirs(root)
+    return root, None, root
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    on_epoch: EpochCallback | None = None,
+    step_hook: StepHook | None = None,
+) -> TrainResult:
+    """Train on Ray, evaluate the best epoch on val and test, write ``<out>/model``.
+
+    ``on_epoch(metrics)`` is called on the driver after every epoch, and with
+    ``{"event": "failure", "errors": {rank: text}}`` when a worker group fails (default: a rich
+    line on stderr); ``step_hook(epoch=, step=, rank=)`` runs on the workers before every step.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    t0 = time.perf_counter()
+    rows = load_rows(cfg.data, cfg.augment_with)  # fail fast, before any worker starts
+    counts = rows.groupby(["split", "label"]).size()
+    for split in ("train", "val"):
+        if split not in counts.index.get_level_values(0):
+            raise ValueError(f"{cfg.data}: no labelled {split} rows")
+
+    ensure_ray()
+    use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
+    storage_path, storage_fs, root = _storage_args(cfg)
+    name = cfg.run_name or f"train-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    printer = on_epoch or _default_printer(cfg.epochs)
+    done = threading.Event()
+
+    def pump() -> None:
+        while not done.is_set():
+            try:
+                item = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue actor went away: nothing more to show
+                return
+            printer(item)
+
+    thread = threading.Thread(target=pump, name="covidray-train-progress", daemon=True)
+    thread.start()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "step_hook": step_hook},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            worker_runtime_env=worker_runtime_env() or None,
+            callbacks=[_progress_callback(queue)],
+        ),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        time.sleep(0.5)  # let the last epoch line through
+        done.set()
+        thread.join(timeout=5)
+        ray.kill(queue.actor)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state, best_weights = load_checkpoint(d)
+
+    from ..models import build_model
+
+    model = build_model(cfg.backbone, len(CLASSES), None, head=cfg.head)
+    model.load_state_dict(best_weights)
+    model.eval()
+    reports = {}
+    for split in ("val", "test"):
+        split_rows = rows[rows["split"] == split].reset_index(drop=True)
+        if not split_rows.empty:
+            reports[split] = evaluate_rows(
+                model,
+                split_rows,
+                cfg.input_size,
+                tta_hflip=cfg.tta_hflip,
+                batch_size=cfg.eval_batch_size,
+            )
+    history = list(state["history"])
+    best = dict(state["best"])
+    run_path = storage.join(root, name)
+    card = ModelCard.for_model(
+        model,
+        cfg.input_size,
+        tta_hflip=cfg.tta_hflip,
+        training_data_hash=training_data_hash(rows),
+        training={
+            "best_epoch": int(best["epoch"]),
+            "best_val_macro_f1": float(best["macro_f1"]),
+            "epochs_run": len(history),
+            "restarts": sum(1 for h in history if h["resumed"] and h["epoch"] == h["start_epoch"]),
+            "wall_s": time.perf_counter() - t0,
+            "workers": cfg.workers,
+            "use_gpu": use_gpu,
+            "run_path": run_path,
+            "counts": {f"{s}/{lab}": int(n) for (s, lab), n in counts.items()},
+            "history": history,
+        },
+        training_config=cfg.model_dump(mode="json"),
+    )
+    model_uri = storage.join(cfg.out, "model")
+    card = save_model_dir(model, card, model_uri, reports)
+    return TrainResult(
+        model_uri=model_uri,
+        model_version=card.model_version,
+        run_path=run_path,
+        best_epoch=int(best["epoch"]),
+        reports={s: r.to_json() for s, r in reports.items()},
+        history=history,
+        wall_s=time.perf_counter() - t0,
+    )
