@@ -70,7 +70,6 @@ def print_ingest_result(result) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import ingest
 
     split = None
     if args.seed is not None or args.fractions is not None:
@@ -88,24 +87,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         labels=args.labels,
         split=split,
     )
-    with progress_bar("ingest") as update:
-        result = ingest(cfg, progress=update)
-    print_ingest_result(result)
+    result = run_ingest(cfg)
     print(result.model_dump_json())
     return 0
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
+def run_ingest(cfg: IngestConfig):
+    """Ingest with a progress bar and the summary table."""
+    from .ingest import ingest
+
+    with progress_bar("ingest") as update:
+        result = ingest(cfg, progress=update)
+    print_ingest_result(result)
+    return result
+
+
+def run_synth(cfg: SynthConfig) -> str:
+    """Write phantoms with a progress bar; returns the manifest.csv URI."""
     from .synth import write_phantoms
 
-    cfg = load_config(
-        SynthConfig,
-        args.config,
-        dest=args.dest,
-        n_per_class=args.n_per_class,
-        seed=args.seed,
-        size=args.size,
-    )
     total = cfg.n_per_class * len(CLASSES)
     with progress_bar("synth") as update:
         manifest = write_phantoms(
@@ -116,14 +116,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
             progress=lambda k: update(k, total),
         )
     console.print(f"wrote {total} phantoms: {manifest}")
+    return manifest
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    overrides = dict(n_per_class=args.n_per_class, seed=args.seed, size=args.size)
+    run_synth(load_config(SynthConfig, args.config, dest=args.dest, **overrides))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on the embedded defaults: local Ray, local storage."""
     from . import storage
-    from .ingest import ingest
-    from .synth import write_phantoms
 
     work = os.path.abspath(args.workdir)
     t0 = time.perf_counter()
@@ -133,16 +137,68 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         data = os.path.join(work, "phantoms")
         console.rule(f"[bold]1. data: no real X-rays found, synthesizing phantoms in {data}")
-        n = args.phantoms_per_class
-        with progress_bar("synth") as update:
-            write_phantoms(data, n, seed=0, progress=lambda k: update(k, 3 * n))
+        run_synth(SynthConfig(dest=data, n_per_class=args.phantoms_per_class))
     console.rule("[bold]2. ingest")
     dataset = os.path.join(work, "dataset")
-    with progress_bar("ingest") as update:
-        result = ingest(IngestConfig(src=data, dest=dataset), progress=update)
-    print_ingest_result(result)
+    run_ingest(IngestConfig(src=data, dest=dataset))
     console.rule(f"[bold green]demo finished in {time.perf_counter() - t0:.0f} s")
     console.print(f"dataset: {dataset}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on Ray Train; write <out>/model; print the test report and a JSON summary."""
+    from .train import TrainConfig, run_training
+
+    cfg = load_config(
+        TrainConfig,
+        args.config,
+        data=args.data,
+        out=args.out,
+        backbone=args.backbone,
+        weights=args.weights,
+        epochs=args.epochs,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        input_size=args.input_size,
+        seed=args.seed,
+        augment_with=args.augment_with,
+        run_name=args.run_name,
+    )
+    console.rule(f"[bold]train {cfg.backbone} on {cfg.data} ({cfg.workers} worker(s))")
+    result = run_training(cfg)
+    for split, m in result.reports.items():
+        adult = f" · adult accuracy {m['adult']['accuracy']:.3f}" if m.get("adult") else ""
+        console.print(
+            f"[bold]{split}[/bold]: accuracy {m['accuracy']:.3f} · macro-F1 "
+            f"{m['macro_f1']:.3f} · COVID recall {m['covid_recall']:.3f}{adult}"
+        )
+    console.rule(
+        f"[bold green]model {result.model_version} (best epoch {result.best_epoch + 1}) in "
+        f"{result.wall_s:.0f} s: {result.model_uri}"
+    )
+    print(result.model_dump_json(exclude={"history", "reports"}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a model directory on a dataset split; text tables or one JSON object."""
+    import json
+
+    from .evaluation import render_text
+    from .modeldir import ModelLoadError
+    from .train.evaluate import evaluate_model
+
+    try:
+        report = evaluate_model(args.model, args.data, args.split)
+    except ModelLoadError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    if args.format == "json":
+        print(json.dumps(report.to_json()))
+    else:
+        Console().print(render_text(report, title=f"{args.model} on {args.data} ({args.split})"))
     return 0
 
 
@@ -180,6 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-output")
     p.add_argument("--phantoms-per-class", type=int, default=60)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a classifier on Ray Train; writes <out>/model")
+    p.add_argument("--data", help="dataset folder or manifest.parquet (local or s3://)")
+    p.add_argument("--out", help="output folder (local or s3://): model/ and ray/ checkpoints")
+    p.add_argument("--backbone", help="efficientnet_lite0 (default), efficientnet_b0, ...")
+    p.add_argument("--weights", help='"imagenet" (default), a path/URI, or "none"')
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="per worker")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--input-size", type=int, dest="input_size")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--augment-with", dest="augment_with", help="extra rows for TRAIN only")
+    p.add_argument("--run-name", dest="run_name", help="reuse a name to resume that run")
+    p.add_argument("--config", help="YAML file with TrainConfig fields")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model directory on a dataset split")
+    p.add_argument("--model", required=True, help="model directory (local or s3://)")
+    p.add_argument("--data", required=True, help="dataset folder or manifest.parquet")
+    p.add_argument("--split", default="test", choices=("test", "val", "train", "all"))
+    p.add_argument("--format", default="text", choices=("text", "json"))
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -273,3 +273,16 @@ def test_ieee8023_finding_map() -> None:
     assert ieee8023_finding("Pneumonia/Viral/Influenza") == ("pneumonia", "viral")
     assert ieee8023_finding("Pneumonia/Fungal/Pneumocystis") is None
     assert ieee8023_finding("Pneumonia") == ("pneumonia", "unknown")
+
+
+def test_yaml_config_with_flag_override(tmp_path: Path) -> None:
+    _write(tmp_path / "src", {"covid/a.png": _png(1), "normal/b.png": _png(2)})
+    config = tmp_path / "ingest.yaml"
+    config.write_text(f"src: {tmp_path / 'ignored'}\nsize: 64\nsplit:\n  seed: 3\n")
+    dest = str(tmp_path / "out")
+    assert main(["ingest", str(tmp_path / "src"), dest, "--config", str(config)]) == 0
+    for row in _rows(dest):
+        assert min(Image.open(storage.join(dest, row["uri"])).size) == 64
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sise: 64\n")  # a typo is an error, not silently ignored
+    assert main(["ingest", str(tmp_path / "src"), dest, "--config", str(bad)]) == 2
