@@ -10,7 +10,7 @@ WORKDIR ?= demo-output
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench ablation lint clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Speed: scoring pipelines and a training epoch, each against a baseline in the same run.
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/score.py bench/train.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Hours on a CPU: CycleGAN images in or out of the classifier's training set.
+ablation: $(STAMP)
+	$(BIN)/python bench/gan_ablation.py $(ABLATION_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -62,14 +62,9 @@ def ray_cluster(s3_server):
     that read through Ray Data still leave CPUs for the reads."""
     import ray
 
-    from covidray.raycluster import worker_runtime_env
+    from covidray.raycluster import ensure_ray
 
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env=worker_runtime_env(),
-        log_to_driver=False,
-    )
+    ensure_ray(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -18,8 +18,8 @@ How it stays about as cheap as plain inference:
 * :func:`torch.autograd.grad` differentiates the selected logits with respect to that leaf
   only: no full backward pass, and no parameter's ``.grad`` is touched.
 
-Nothing is left behind: the hook is removed in ``finally``, the model's train/eval mode and
-the caller's grad mode are restored. The model runs in eval mode during the call (dropout
+Nothing is left behind: the hook is removed in ``finally``, every submodule's train/eval flag
+and the caller's grad mode are restored. The model runs in eval mode during the call (dropout
 off, BatchNorm on running statistics: images of a batch are then independent, so one
 backward through the sum of the selected logits gives every image its own gradients). The
 temporary switch to eval mode makes concurrent calls on the *same* model from several
@@ -149,25 +149,28 @@ class GradCAM:
             return leaf.clone()
 
         model = self.model
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]  # restored one by one afterwards
         handle = self.target_layer.register_forward_hook(hook)
         try:
             model.eval()
-            with torch.inference_mode(False), torch.no_grad():
-                logits = model(x)
-            if not captured:
-                raise RuntimeError("the Grad-CAM target layer did not run in the forward pass")
-            act = captured[0]
-            if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.requires_grad):
-                raise RuntimeError(
-                    "model output must be (B, K) logits computed from the target layer's output"
-                )
-            idx = self._class_index(class_idx, logits)
-            selected = logits.gather(1, idx[:, None]).float().sum()
-            (grads,) = torch.autograd.grad(selected, act)
+            with torch.inference_mode(False):
+                with torch.no_grad():
+                    logits = model(x)
+                if not captured:
+                    raise RuntimeError("the Grad-CAM target layer did not run in the forward pass")
+                act = captured[0]
+                if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.requires_grad):
+                    raise RuntimeError(
+                        "model output must be (B, K) logits computed from the target layer's output"
+                    )
+                idx = self._class_index(class_idx, logits)
+                with torch.enable_grad():  # also when the caller runs under no_grad
+                    selected = logits.gather(1, idx[:, None]).float().sum()
+                (grads,) = torch.autograd.grad(selected, act)
         finally:
             handle.remove()
-            model.train(was_training)
+            for m, training in modes:
+                m.training = training
 
         a = act.detach().float()
         alpha = grads.float().mean(dim=(2, 3), keepdim=True)

@@ -10,6 +10,11 @@ from ..augment import AugmentConfig
 from ..config import _Config
 from ..models import BACKBONES, HEADS
 
+# Frozen bottom blocks by default: EfficientNets keep their stem and first two stages (the
+# 112- and 56-pixel, edge-like layers) from ImageNet. That skips their backward pass (about
+# 40 % less compute per step on a CPU) and regularizes on a few hundred images.
+DEFAULT_FREEZE: dict[str, str] = {"efficientnet_lite0": "top:6", "efficientnet_b0": "top:6"}
+
 
 class TrainConfig(_Config):
     """Everything one training run needs. Defaults are the tuned single-CPU-worker recipe."""
@@ -22,9 +27,13 @@ class TrainConfig(_Config):
     )
     weights_sha256: str | None = None
     head: str = "paper"
-    freeze: str = Field("none", description='"none", "backbone" or "top:N"')
+    freeze: str | None = Field(
+        None,
+        description='"none", "backbone" or "top:N"; None: DEFAULT_FREEZE of the backbone '
+        '(or "none" without pretrained weights)',
+    )
 
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(24, ge=1)
     batch_size: int = Field(16, ge=2, description="per worker")
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["cosine", "constant"] = "cosine"
@@ -32,6 +41,13 @@ class TrainConfig(_Config):
     min_lr_ratio: float = Field(0.02, ge=0, le=1, description="final lr / peak lr (cosine)")
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="validate, select and ship an exponential moving average of the weights "
+        "(per optimizer step); None: the raw weights",
+    )
     input_size: int = Field(224, ge=32, le=1024)
 
     workers: int = Field(1, ge=1, description="Ray Train workers")
@@ -66,6 +82,16 @@ class TrainConfig(_Config):
     seed: int = 0
     tta_hflip: bool = Field(True, description="average predictions over a horizontal flip")
     eval_batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_freeze(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("freeze") is None:
+            backbone = data.get("backbone", "efficientnet_lite0")
+            pretrained = cls._none_words(data.get("weights", "imagenet")) is not None
+            freeze = DEFAULT_FREEZE.get(backbone, "none") if pretrained else "none"
+            data = {**data, "freeze": freeze}
+        return data
 
     @field_validator("weights", "weights_sha256", "augment_with", mode="before")
     @classmethod

@@ -6,6 +6,9 @@ channels_last on CUDA only), then validation (sharded, gathered, identical on ev
 ``ray.train.report`` with a checkpoint from rank 0. A checkpoint holds the latest model,
 optimizer, scheduler and scaler state, the epoch, the history and the best-so-far weights
 (``best.safetensors``), so a restarted worker group resumes at checkpoint epoch + 1.
+
+The pieces (``load_worker_data``, ``build_training``, ``train_one_epoch``) also run without
+Ray: bench/train.py times an epoch of them in a plain loop against a Ray Train worker.
 """
 
 from __future__ import annotations
@@ -14,19 +17,21 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from ..augment import build_augmentation
 from ..labels import CLASSES
 from ..metrics import evaluate_predictions
 from ..models import build_model
 from ..preprocess import from_uint8
+from ..raycluster import checkpoint_dir
 from .config import TrainConfig
 from .data import EpochSampler, load_images, load_rows, sample_weights, shard_indices
 from .evaluate import predict_probs
@@ -125,21 +130,18 @@ def load_checkpoint(directory: str) -> tuple[dict[str, Any], dict[str, torch.Ten
     return state, load_file(os.path.join(directory, BEST_NAME))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: ``{"cfg": TrainConfig dump, "step_hook": ...}``."""
-    import ray.train
-    import ray.train.torch
+class WorkerData(NamedTuple):
+    """One worker's decode-once training shard, its batch sampler and its validation shard."""
 
-    cfg = TrainConfig.model_validate(config["cfg"])
-    hook: StepHook | None = config.get("step_hook")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.torch_threads or default_threads(cfg.workers))
-    device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
+    train_x: torch.Tensor  # N x 1 x S x S uint8
+    train_y: torch.Tensor  # N, long
+    sampler: EpochSampler
+    val_x: torch.Tensor  # this rank's rows [rank::world] of val
+    val_y: np.ndarray  # all val labels (predictions are gathered)
 
-    # --- data: this worker's train shard and val shard, decoded once -----------------------
-    t0 = time.perf_counter()
+
+def load_worker_data(cfg: TrainConfig, rank: int, world: int) -> WorkerData:
+    """Read the manifest and decode this worker's train and val shards once."""
     rows = load_rows(cfg.data, cfg.augment_with)
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     val_rows = rows[rows["split"] == "val"].reset_index(drop=True)
@@ -157,10 +159,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sampler = EpochSampler(weights[shard], len(train_rows), world, cfg.batch_size, cfg.seed)
     val_uris = list(val_rows["uri"])[rank::world]
     val_x = load_images(val_uris, cfg.input_size)
-    val_y = val_rows["y"].to_numpy()
-    load_s = time.perf_counter() - t0
+    return WorkerData(train_x, train_y, sampler, val_x, val_rows["y"].to_numpy())
 
-    # --- model, optimizer, schedule -------------------------------------------------------
+
+class TrainParts(NamedTuple):
+    """What one optimizer step needs besides the data (see :func:`build_training`)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype
+    augment: nn.Module
+    criterion: nn.Module
+
+
+def build_training(cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> TrainParts:
+    """Model (seeded by ``cfg.seed``, channels_last on CUDA, still on the CPU), AdamW with the
+    warmup + cosine schedule, the grad scaler (fp16 autocast only), the augmentation on
+    ``device`` and the label-smoothed loss."""
+    cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     model = build_model(
         cfg.backbone,
@@ -170,65 +188,175 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         freeze=cfg.freeze,
         weights_sha256=cfg.weights_sha256,
     )
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, sampler.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+    augment = build_augmentation(cfg.augment).to(device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return TrainParts(model, optimizer, scheduler, scaler, amp_dtype, augment, criterion)
 
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of the ``updates``-th EMA update (0-based): ``min(decay, (1 + n) / (10 + n))``.
+
+    The warm-up keeps a short run's average from being dominated by the initial weights
+    (with a fixed 0.99, 90 steps would still weigh them 40 %)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def build_ema(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s parameters and buffers (BatchNorm
+    statistics included), updated after every optimizer step with :func:`ema_decay_at`;
+    None when ``decay`` is None."""
+    if decay is None:
+        return None
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: Any) -> None:
+        weight = 1.0 - ema_decay_at(decay, int(n))
+        for a, c in zip(averaged, current, strict=True):
+            if a.is_floating_point():
+                a.lerp_(c, weight)
+            else:  # e.g. BatchNorm's num_batches_tracked
+                a.copy_(c)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of torch's RNG (augmentation, dropout) for one epoch of one worker."""
+    return seed * 7919 + epoch * 131 + rank
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    augment: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: torch.dtype,
+    *,
+    hook: StepHook | None = None,
+    ema: AveragedModel | None = None,
+    epoch: int = 0,
+    rank: int = 0,
+) -> tuple[float, int]:
+    """One pass over ``batches`` (index tensors into ``train_x``/``train_y``): augmentation
+    on ``device``, autocast and channels_last on CUDA only, one optimizer and scheduler step
+    per batch, then an update of ``ema`` when given. Returns ``(sum of per-sample losses,
+    samples seen)``; the sum is read back from the device, so the call returns only when the
+    epoch's work is done."""
+    cuda = device.type == "cuda"
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    for step, idx in enumerate(batches):
+        if hook is not None:
+            hook(epoch=epoch, step=step, rank=rank)
+        x = from_uint8(train_x[idx].to(device, non_blocking=True))
+        y = train_y[idx].to(device, non_blocking=True)
+        with torch.no_grad():
+            x = augment(x)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(getattr(model, "module", model))
+        loss_sum += loss.detach().double() * len(y)
+        seen += len(y)
+    return float(loss_sum), seen
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``{"cfg": TrainConfig dump, "step_hook": ...}``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    hook: StepHook | None = config.get("step_hook")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or default_threads(cfg.workers))
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+
+    # --- data: this worker's train shard and val shard, decoded once -----------------------
+    t0 = time.perf_counter()
+    train_x, train_y, sampler, val_x, val_y = load_worker_data(cfg, rank, world)
+    load_s = time.perf_counter() - t0
+
+    # --- model, optimizer, schedule -------------------------------------------------------
+    model, optimizer, scheduler, scaler, amp_dtype, augment, criterion = build_training(
+        cfg, sampler.steps, device
+    )
+
+    model.to(device)  # before the optimizer state is restored, so it lands on the device
+    ema = build_ema(model, cfg.ema_decay)
     start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": -1, "macro_f1": -1.0, "val_loss": math.inf, "bad_epochs": 0}
     best_state: dict[str, torch.Tensor] = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        with checkpoint_dir(checkpoint) as d:  # not as_directory(): see checkpoint_dir
             state, best_state = load_checkpoint(d)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         best, history = dict(state["best"]), list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         if state.get("stopped"):
             start_epoch = cfg.epochs
     steps_at_start = adam_step(optimizer)
 
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     inner: nn.Module = getattr(model, "module", model)
-    augment = build_augmentation(cfg.augment).to(device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    evaluated: nn.Module = ema.module if ema is not None else inner  # validated and shipped
 
     for epoch in range(start_epoch, cfg.epochs):
-        t_epoch = time.perf_counter()
-        torch.manual_seed(cfg.seed * 7919 + epoch * 131 + rank)  # augmentation, dropout
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        for step, idx in enumerate(sampler.batches(epoch, rank)):
-            if hook is not None:
-                hook(epoch=epoch, step=step, rank=rank)
-            x = from_uint8(train_x[idx].to(device, non_blocking=True))
-            y = train_y[idx].to(device, non_blocking=True)
-            with torch.no_grad():
-                x = augment(x)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda):
-                logits = model(x)
-            loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(y)
-            seen += len(y)
-        train_loss_sum, train_n = all_reduce_sum([float(loss_sum), seen], device, world)
+        t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        t_train, cpu_train = time.perf_counter(), time.process_time()
+        loss_sum, seen = train_one_epoch(
+            model,
+            sampler.batches(epoch, rank),
+            train_x,
+            train_y,
+            augment,
+            criterion,
+            optimizer,
+            scheduler,
+            scaler,
+            device,
+            amp_dtype,
+            hook=hook,
+            ema=ema,
+            epoch=epoch,
+            rank=rank,
+        )
+        train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
+        train_loss_sum, train_n = all_reduce_sum([loss_sum, seen], device, world)
 
         # --- validation: every rank ends up with the same full-set metrics ---------------
         local = predict_probs(
-            inner,
+            evaluated,
             val_x,
             batch_size=cfg.eval_batch_size,
             tta_hflip=cfg.tta_hflip,
@@ -245,7 +373,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if improved:
             best = {"epoch": epoch, "macro_f1": report.macro_f1, "val_loss": val_loss}
             best["bad_epochs"] = 0
-            best_state = _cpu_state(inner)
+            best_state = _cpu_state(evaluated)
         else:
             best["bad_epochs"] += 1
         stop = (
@@ -267,6 +395,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "adam_step_at_start": steps_at_start,
             "adam_step": adam_step(optimizer),
             "epoch_s": time.perf_counter() - t_epoch,
+            "epoch_cpu_s": time.process_time() - cpu_epoch,  # vs epoch_s: CPU contention
+            "train_s": train_s,  # the optimizer steps alone (epoch_s less validation etc.)
+            "train_cpu_s": train_cpu_s,
             "data_load_s": load_s,
             "stopped_early": stop,
         }
@@ -279,6 +410,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                     "epoch": epoch,
                     "best": best,
                     "history": history,

@@ -2,13 +2,14 @@
 
 ``run_training(cfg)`` starts a ``TorchTrainer`` whose checkpoints go to ``<out>/ray/<run name>``
 (local or S3, through the same filesystem settings as covidray.storage), retries failed worker
-groups from the latest checkpoint (``FailureConfig(max_failures)``), then takes the best
-epoch's weights from the final checkpoint, scores them on val and test with subgroup
-breakdowns and writes the model directory ``<out>/model`` (see covidray.modeldir).
+groups from the latest checkpoint (``FailureConfig(max_failures)``), then, in one Ray task,
+takes the best epoch's weights from the final checkpoint, scores them on val and test with
+subgroup breakdowns and writes the model directory ``<out>/model`` (see covidray.modeldir).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -21,11 +22,11 @@ from pydantic import BaseModel
 from .. import storage
 from ..labels import CLASSES
 from ..modeldir import ModelCard, save_model_dir
-from ..raycluster import ensure_ray, worker_runtime_env
+from ..raycluster import checkpoint_dir, ensure_ray, worker_runtime_env
 from .config import TrainConfig
 from .data import load_rows, training_data_hash
 from .evaluate import evaluate_rows
-from .loop import StepHook, load_checkpoint, train_loop_per_worker
+from .loop import StepHook, default_threads, load_checkpoint, train_loop_per_worker
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -56,7 +57,10 @@ def epoch_line(m: dict[str, Any], epochs: int) -> str:
     )
 
 
-def _default_printer(epochs: int) -> EpochCallback:
+def default_printer(
+    epochs: int, line: Callable[[dict[str, Any], int], str] = epoch_line
+) -> EpochCallback:
+    """An epoch callback printing ``line(metrics, epochs)`` (and worker failures) on stderr."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -65,12 +69,12 @@ def _default_printer(epochs: int) -> EpochCallback:
         if m.get("event") == "failure":
             console.print(f"[red]worker failure[/red] {m['errors']}: restarting from checkpoint")
         else:
-            console.print(epoch_line(m, epochs), highlight=False)
+            console.print(line(m, epochs), highlight=False)
 
     return show
 
 
-def _progress_callback(queue: Any) -> Any:
+def progress_callback(queue: Any) -> Any:
     """A Ray Train UserCallback (runs in the controller) forwarding rank 0's metrics."""
     from ray.train import UserCallback
 
@@ -91,9 +95,10 @@ def _progress_callback(queue: Any) -> Any:
     return _ForwardMetrics(queue)
 
 
-def _storage_args(cfg: TrainConfig) -> tuple[str, Any, str]:
-    """``(storage_path, storage_filesystem, run root URI)`` for Ray Train's RunConfig."""
-    root = storage.normalize(storage.join(cfg.out, "ray"))
+def storage_args(out: str) -> tuple[str, Any, str]:
+    """``(storage_path, storage_filesystem, run root URI)`` for Ray Train's RunConfig: the
+    ``ray`` folder under ``out``, local or on object storage."""
+    root = storage.normalize(storage.join(out, "ray"))
     if storage.is_remote(root):
         fs, path = storage.pyarrow_filesystem(root)
         return path, fs, root
@@ -105,6 +110,16 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def worker_env() -> dict[str, Any]:
+    """Runtime env of training/evaluation processes: AWS settings, and OpenMP threads that
+    sleep rather than spin when idle (spinning threads on a shared, oversubscribed CPU burn
+    ~10x the CPU time per step)."""
+    env = worker_runtime_env()
+    env_vars = dict(env.get("env_vars", {}))
+    env_vars.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    return {**env, "env_vars": env_vars}
 
 
 def run_training(
@@ -124,21 +139,21 @@ def run_training(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    t0 = time.perf_counter()
+    started = time.time()
     rows = load_rows(cfg.data, cfg.augment_with)  # fail fast, before any worker starts
-    counts = rows.groupby(["split", "label"]).size()
-    for split in ("train", "val"):
-        if split not in counts.index.get_level_values(0):
-            raise ValueError(f"{cfg.data}: no labelled {split} rows")
+    splits = set(rows["split"])
+    if not {"train", "val"} <= splits:
+        raise ValueError(f"{cfg.data}: need labelled train and val rows (found {sorted(splits)})")
 
     ensure_ray()
     use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
-    storage_path, storage_fs, root = _storage_args(cfg)
+    storage_path, storage_fs, root = storage_args(cfg.out)
     name = cfg.run_name or f"train-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+    runtime_env = worker_env()
 
     queue = Queue(actor_options={"num_cpus": 0})
-    printer = on_epoch or _default_printer(cfg.epochs)
+    printer = on_epoch or default_printer(cfg.epochs)
     done = threading.Event()
 
     def pump() -> None:
@@ -165,8 +180,8 @@ def run_training(
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            worker_runtime_env=worker_runtime_env() or None,
-            callbacks=[_progress_callback(queue)],
+            worker_runtime_env=runtime_env,
+            callbacks=[progress_callback(queue)],
         ),
     )
     try:
@@ -178,14 +193,49 @@ def run_training(
         ray.kill(queue.actor)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state, best_weights = load_checkpoint(d)
+
+    # Final evaluation and the model directory: a Ray task with the workers' environment (and
+    # a GPU when training had them), on this node when the output is a local folder.
+    options: dict[str, Any] = {
+        "num_cpus": 1,
+        "num_gpus": 1 if use_gpu else 0,
+        "runtime_env": runtime_env,
+        "max_retries": 1,
+    }
+    if not storage.is_remote(cfg.out):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+    task = ray.remote(finalize_run).options(**options)
+    return ray.get(
+        task.remote(
+            cfg.model_dump(mode="json"),
+            result.checkpoint,
+            storage.join(root, name),
+            use_gpu,
+            started,
+        )
+    )
+
+
+def finalize_run(
+    cfg_dump: dict[str, Any], checkpoint: Any, run_path: str, use_gpu: bool, started: float
+) -> TrainResult:
+    """Best-epoch weights from the final checkpoint → val/test reports → ``<out>/model``."""
+    import torch
 
     from ..models import build_model
 
+    cfg = TrainConfig.model_validate(cfg_dump)
+    torch.set_num_threads(cfg.torch_threads or default_threads(1))
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    with checkpoint_dir(checkpoint) as d:
+        state, best_weights = load_checkpoint(d)
     model = build_model(cfg.backbone, len(CLASSES), None, head=cfg.head)
     model.load_state_dict(best_weights)
-    model.eval()
+    model.eval().to(device)
+    rows = load_rows(cfg.data, cfg.augment_with)
     reports = {}
     for split in ("val", "test"):
         split_rows = rows[rows["split"] == split].reset_index(drop=True)
@@ -197,9 +247,10 @@ def run_training(
                 tta_hflip=cfg.tta_hflip,
                 batch_size=cfg.eval_batch_size,
             )
+    model.cpu()
     history = list(state["history"])
     best = dict(state["best"])
-    run_path = storage.join(root, name)
+    counts = rows.groupby(["split", "label"]).size()
     card = ModelCard.for_model(
         model,
         cfg.input_size,
@@ -210,7 +261,7 @@ def run_training(
             "best_val_macro_f1": float(best["macro_f1"]),
             "epochs_run": len(history),
             "restarts": sum(1 for h in history if h["resumed"] and h["epoch"] == h["start_epoch"]),
-            "wall_s": time.perf_counter() - t0,
+            "wall_s": time.time() - started,
             "workers": cfg.workers,
             "use_gpu": use_gpu,
             "run_path": run_path,
@@ -228,5 +279,5 @@ def run_training(
         best_epoch=int(best["epoch"]),
         reports={s: r.to_json() for s, r in reports.items()},
         history=history,
-        wall_s=time.perf_counter() - t0,
+        wall_s=time.time() - started,
     )

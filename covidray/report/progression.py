@@ -1,0 +1,469 @@
+"""The disease-progression report (``covidray report``): one self-contained HTML file.
+
+For every patient with two or more studies (distinct ``study_day``, or ``study_date`` where no
+day is known) the report shows a timeline of the COVID probability and the Grad-CAM affected
+area over study time, and thumbnails of the heatmap overlays (the image with its ``cam_png``
+map). A cohort section gives the class counts, the distribution of the probabilities and the
+flagged studies: maps whose mass sits in the image border ("likely shortcut": markers, text,
+collimation edges; DeGrave et al. 2021) and images that could not be scored.
+
+Everything is embedded: figures are matplotlib (Agg) PNGs and thumbnails PNGs, both as
+``data:`` URIs; no script, style sheet or image is fetched from anywhere. Patients appear only
+under the pseudonymous ``patient_id`` of the manifest; image paths are never printed (raw file
+names can carry names), images are referred to by the first digits of their ``image_id``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import storage
+from ..labels import CLASSES
+from ..score.results import read_predictions
+
+PROB_COLUMNS = tuple(f"prob_{c}" for c in CLASSES)
+
+
+class ReportConfig(BaseModel):
+    """`covidray report --scores URI --out report.html`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    scores: str = Field(description="score output folder, its predictions/ or one .parquet")
+    out: str = Field(description="the HTML file to write (local or s3://)")
+    data: str | None = Field(None, description="dataset: study metadata and images by image_id")
+    model_version: str | None = Field(None, description="default: the most recently scored")
+    shortcut_threshold: float = Field(
+        0.5, gt=0, le=1, description="border energy at or above which a map is flagged"
+    )
+    thumb_size: int = Field(160, ge=32, le=1024, description="thumbnail height in pixels")
+    max_thumbs: int = Field(12, ge=1, description="thumbnails per patient")
+    max_table_rows: int = Field(200, ge=1, description="rows listed per flagged/error table")
+    title: str = "Chest X-ray scoring: disease progression"
+
+
+class ReportSummary(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    out: str
+    model_version: str | None
+    n_images: int
+    n_errors: int
+    n_patients: int  # with two or more studies
+    n_flagged: int
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def load_scores(cfg: ReportConfig) -> tuple[pd.DataFrame, str | None]:
+    """The rows of one model version (latest per image), with manifest metadata filled in."""
+    table = read_predictions(cfg.scores, dedupe=True)
+    version = cfg.model_version
+    if version is None and table.num_rows:
+        latest = table.group_by("model_version").aggregate([("scored_at", "max")])
+        order = np.argsort(latest.column("scored_at_max").to_numpy())
+        version = latest.column("model_version")[int(order[-1])].as_py()
+    if version is not None:
+        table = table.filter(pc.field("model_version") == version)
+    df = table.drop_columns(["run_date"]).to_pandas()
+    df["image_uri"] = df["uri"]
+    if cfg.data:
+        df = _with_manifest(df, cfg.data)
+    return df.reset_index(drop=True), version
+
+
+def _with_manifest(df: pd.DataFrame, data: str) -> pd.DataFrame:
+    from ..manifest import manifest_base, read_manifest
+
+    manifest = read_manifest(data)
+    base = manifest_base(data)
+    cols = [
+        c
+        for c in ("image_id", "uri", "patient_id", "study_day", "study_date")
+        if c in manifest.schema.names
+    ]
+    m = manifest.select(cols).to_pandas().drop_duplicates("image_id").set_index("image_id")
+    known = df["image_id"].map(lambda i: isinstance(i, str) and i in m.index)
+    for col in ("patient_id", "study_day", "study_date"):
+        if col in m.columns:
+            fill = df.loc[known, "image_id"].map(m[col])
+            df.loc[known, col] = df.loc[known, col].where(df.loc[known, col].notna(), fill)
+    df.loc[known, "image_uri"] = df.loc[known, "image_id"].map(
+        lambda i: storage.resolve(base, m.at[i, "uri"])
+    )
+    return df
+
+
+def _study_key(row: pd.Series) -> tuple[str, Any] | None:
+    if _present(row.get("study_day")):
+        return ("day", float(row["study_day"]))
+    if _present(row.get("study_date")):
+        return ("date", str(row["study_date"]))
+    return None
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and v is not pd.NA
+
+
+def progression_patients(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Scored rows of each patient with ≥ 2 distinct studies, in study order."""
+    ok = df[df["error"].isna() & df["patient_id"].notna()].copy()
+    if ok.empty:
+        return {}
+    ok["study_key"] = ok.apply(_study_key, axis=1)
+    ok = ok[ok["study_key"].notna()]
+    out: dict[str, pd.DataFrame] = {}
+    for pid, rows in ok.groupby("patient_id", sort=True):
+        if rows["study_key"].nunique() < 2:
+            continue
+        rows = rows.assign(t=_times(rows)).sort_values(["t", "image_id"], kind="stable")
+        out[str(pid)] = rows
+    return out
+
+
+def _times(rows: pd.DataFrame) -> pd.Series:
+    """Study time in days: ``study_day``, else days since the patient's first dated study."""
+    days = pd.to_numeric(rows["study_day"], errors="coerce")
+    if days.notna().all():
+        return days.astype(float)
+    dates = pd.to_datetime(rows["study_date"], errors="coerce")
+    if dates.notna().all():
+        return (dates - dates.min()).dt.days.astype(float)
+    return days.astype(float)  # mixed: rows without a day sort last
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _figure_png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def timeline_png(rows: pd.DataFrame, is_date: bool) -> bytes:
+    """COVID probability and CAM area over study time (points per image, line per study)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 2.6))
+    t = rows["t"].to_numpy(dtype=float)
+    mean = rows.groupby("t")[["prob_covid", "cam_area"]].mean()
+    ax.plot(mean.index, mean["prob_covid"], "-", color="#c0392b", lw=2, label="P(COVID-19)")
+    ax.plot(t, rows["prob_covid"], "o", color="#c0392b", ms=5)
+    ax.plot(mean.index, mean["cam_area"], "--", color="#2471a3", lw=2, label="CAM area")
+    ax.plot(t, rows["cam_area"], "s", color="#2471a3", ms=4)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("days since first dated study" if is_date else "study day")
+    ax.set_ylabel("probability / area")
+    ax.set_xticks(sorted(set(t.tolist())))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, frameon=False, ncols=2)
+    return _figure_png(fig)
+
+
+def histogram_png(df: pd.DataFrame) -> bytes:
+    """Distribution of each class probability over the scored images."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 2.8))
+    bins = np.linspace(0.0, 1.0, 21)
+    colors = {"covid": "#c0392b", "pneumonia": "#d68910", "normal": "#1e8449"}
+    for cls in CLASSES:
+        values = df[f"prob_{cls}"].dropna().to_numpy(dtype=float)
+        ax.hist(values, bins=bins, histtype="step", lw=2, color=colors.get(cls), label=cls)
+    ax.set_xlabel("probability")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    return _figure_png(fig)
+
+
+def thumbnail_png(image_uri: str | None, cam_png: bytes | None, height: int) -> tuple[bytes, bool]:
+    """The image with its map (jet, alpha 0.4), ``height`` px high; ``(png, had_image)``.
+
+    The map covers the whole film (the model saw it squashed to a square), so it is stretched
+    over the image at its own aspect ratio. Without a readable image, the map alone.
+    """
+    import torch
+    from PIL import Image
+
+    from ..decode import decode_array
+    from ..explain import colormap_lut, overlay
+    from ..predict import decode_cam_png
+
+    cam = decode_cam_png(cam_png).astype(np.float32) / 255.0 if cam_png else None
+    gray = None
+    if image_uri:
+        try:
+            img = decode_array(storage.read_bytes(image_uri))
+            h, w = img.shape
+            width = max(1, round(height * w / h))
+            small = Image.fromarray(img, mode="F").resize((width, height), Image.Resampling.BOX)
+            gray = np.clip(np.rint(np.asarray(small) * 255.0), 0, 255).astype(np.uint8)
+        except Exception:  # missing or undecodable: show the map alone
+            gray = None
+    if gray is not None and cam is not None:
+        rgb = overlay(gray, torch.from_numpy(cam), alpha=0.4)
+    elif gray is not None:
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+    else:
+        m = cam if cam is not None else np.zeros((1, 1), np.float32)
+        up = torch.nn.functional.interpolate(
+            torch.from_numpy(m)[None, None],
+            size=(height, height),
+            mode="bilinear",
+            align_corners=False,
+        )[0, 0].numpy()
+        rgb = colormap_lut("jet")[np.rint(np.clip(up, 0, 1) * 255).astype(np.intp)]
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buf, "PNG", optimize=True)
+    return buf.getvalue(), gray is not None
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return f"{float(v):.{digits}f}" if _present(v) else "–"
+
+
+def _study_label(row: pd.Series) -> str:
+    parts = []
+    if _present(row.get("study_day")):
+        parts.append(f"day {float(row['study_day']):g}")
+    if _present(row.get("study_date")):
+        parts.append(str(row["study_date"]))
+    return " · ".join(parts) or "time unknown"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "patient"
+
+
+def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;
+max-width:1100px;padding:0 1rem;color:#1c2833;line-height:1.4}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #d5d8dc;padding-bottom:.2rem;
+margin-top:2rem}h3{margin-bottom:.3rem}.meta{color:#566573;font-size:.9rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
+th,td{border:1px solid #d5d8dc;padding:.25rem .6rem;text-align:left}th{background:#f4f6f7}
+td.num{text-align:right}section.patient{border:1px solid #d5d8dc;border-radius:6px;
+padding:.5rem 1rem 1rem;margin:1rem 0}.thumbs{display:flex;flex-wrap:wrap;gap:.6rem}
+figure{margin:0;text-align:center;font-size:.8rem}figure img{border:1px solid #aab7b8;display:block}
+.flag{color:#a04000;font-weight:600}.note{color:#566573;font-size:.85rem}
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def render_report(df: pd.DataFrame, version: str | None, cfg: ReportConfig) -> tuple[str, int, int]:
+    """``(html, n_patients, n_flagged)`` for the rows of one model version."""
+    scored = df[df["error"].isna()]
+    errors = df[df["error"].notna()]
+    flagged = scored[scored["cam_border_energy"] >= cfg.shortcut_threshold]
+    patients = progression_patients(df)
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(cfg.title)}</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>{_e(cfg.title)}</h1>",
+        f'<p class="meta">Model version <code>{_e(version or "none")}</code> · '
+        f"{len(df)} image(s), {len(errors)} error(s) · generated {now}</p>",
+        '<p class="note">Research software, not a medical device. Grad-CAM shows where the model '
+        "looked, not where disease is; maps in the border of the film suggest a shortcut.</p>",
+        "</header>",
+    ]
+    parts.append(_cohort_section(df, scored, errors, flagged, cfg))
+    parts.append(f'<section id="patients"><h2>Patients with several studies ({len(patients)})</h2>')
+    if not patients:
+        parts.append('<p class="note">No patient has two or more studies with a known time.</p>')
+    for pid, rows in patients.items():
+        parts.append(_patient_section(pid, rows, cfg))
+    parts.append("</section>")
+    parts.append(
+        '<footer class="note"><p>Probabilities are the model\'s softmax outputs. CAM area: share '
+        "of the map at or above half its maximum. Border energy: share of the map's mass in the "
+        f"outer 10% of the film; flagged at ≥ {cfg.shortcut_threshold:g}.</p></footer>"
+    )
+    parts.append("</body></html>")
+    return "\n".join(parts), len(patients), len(flagged)
+
+
+def _cohort_section(
+    df: pd.DataFrame,
+    scored: pd.DataFrame,
+    errors: pd.DataFrame,
+    flagged: pd.DataFrame,
+    cfg: ReportConfig,
+) -> str:
+    counts = Counter(scored["label"].dropna())
+    rows = [
+        [
+            _e(c),
+            f'<span class="num">{counts.get(c, 0)}</span>',
+            _fmt(scored[f"prob_{c}"].mean(), 3) if len(scored) else "–",
+        ]
+        for c in CLASSES
+    ]
+    rows.append(["errors", f'<span class="num">{len(errors)}</span>', ""])
+    rows.append(["<b>total</b>", f'<span class="num"><b>{len(df)}</b></span>', ""])
+    out = [
+        '<section id="cohort"><h2>Cohort summary</h2>',
+        "<h3>Predicted classes</h3>",
+        _table(["class", "images", "mean probability"], rows, "counts"),
+    ]
+    if len(scored):
+        out += [
+            "<h3>Distribution of probabilities</h3>",
+            f'<img class="histogram" alt="histogram of class probabilities" '
+            f'src="{_png_data_uri(histogram_png(scored))}">',
+        ]
+    out.append(
+        f'<h3 id="flagged">Flagged: likely shortcut ({len(flagged)})</h3>'
+        f'<p class="note">Border energy ≥ {cfg.shortcut_threshold:g}.</p>'
+    )
+    if len(flagged):
+        fl = flagged.sort_values("cam_border_energy", ascending=False).head(cfg.max_table_rows)
+        out.append(
+            _table(
+                ["image", "patient", "study", "label", "P(COVID-19)", "border energy", "flag"],
+                [
+                    [
+                        f"<code>{_e(str(r.image_id)[:12])}</code>",
+                        _e(r.patient_id if _present(r.patient_id) else "–"),
+                        _e(_study_label(pd.Series(r._asdict()))),
+                        _e(r.label),
+                        _fmt(r.prob_covid),
+                        _fmt(r.cam_border_energy),
+                        '<span class="flag">likely shortcut</span>',
+                    ]
+                    for r in fl.itertuples()
+                ],
+                "flagged",
+            )
+        )
+    reasons = Counter(errors["error"])
+    summary = ", ".join(f"{_e(k)} {v}" for k, v in sorted(reasons.items()))
+    out.append(f'<h3 id="errors">Errors ({len(errors)})</h3>')
+    if len(errors):
+        out.append(f'<p class="note">{summary}</p>')
+        out.append(
+            _table(
+                ["image", "error", "detail"],
+                [
+                    [
+                        f"<code>{_e(str(r.image_id)[:12]) if _present(r.image_id) else '–'}</code>",
+                        f'<span class="flag">{_e(r.error)}</span>',
+                        _e(r.error_detail),
+                    ]
+                    for r in errors.head(cfg.max_table_rows).itertuples()
+                ],
+                "errors",
+            )
+        )
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _patient_section(pid: str, rows: pd.DataFrame, cfg: ReportConfig) -> str:
+    is_date = not pd.to_numeric(rows["study_day"], errors="coerce").notna().all()
+    n_studies = rows["study_key"].nunique()
+    out = [
+        f'<section class="patient" id="patient-{_e(_slug(pid))}" data-patient-id="{_e(pid)}">',
+        f"<h3>Patient {_e(pid)}</h3>",
+        f'<p class="meta">{n_studies} studies, {len(rows)} image(s)</p>',
+        f'<img class="timeline" alt="timeline of patient {_e(pid)}" '
+        f'src="{_png_data_uri(timeline_png(rows, is_date))}">',
+        '<div class="thumbs">',
+    ]
+    for r in rows.head(cfg.max_thumbs).itertuples():
+        png, had_image = thumbnail_png(r.image_uri, r.cam_png, cfg.thumb_size)
+        flag = (
+            '<br><span class="flag">likely shortcut</span>'
+            if _present(r.cam_border_energy) and r.cam_border_energy >= cfg.shortcut_threshold
+            else ""
+        )
+        missing = "" if had_image else '<br><span class="note">image not available</span>'
+        out.append(
+            f'<figure class="thumb" data-image-id="{_e(r.image_id)}">'
+            f'<img alt="Grad-CAM overlay" src="{_png_data_uri(png)}">'
+            f"<figcaption>{_e(_study_label(pd.Series(r._asdict())))}<br>{_e(r.label)} · "
+            f"P(COVID) {_fmt(r.prob_covid)} · area {_fmt(r.cam_area)}{flag}{missing}"
+            "</figcaption></figure>"
+        )
+    if len(rows) > cfg.max_thumbs:
+        out.append(f'<p class="note">{len(rows) - cfg.max_thumbs} more image(s) not shown.</p>')
+    out.append("</div></section>")
+    return "\n".join(out)
+
+
+def build_report(cfg: ReportConfig) -> ReportSummary:
+    """Read the predictions, render the report and write it to ``cfg.out``."""
+    df, version = load_scores(cfg)
+    text, n_patients, n_flagged = render_report(df, version, cfg)
+    storage.write_text(cfg.out, text)
+    return ReportSummary(
+        out=cfg.out,
+        model_version=version,
+        n_images=len(df),
+        n_errors=int(df["error"].notna().sum()),
+        n_patients=n_patients,
+        n_flagged=n_flagged,
+    )
+
+
+__all__ = [
+    "ReportConfig",
+    "ReportSummary",
+    "build_report",
+    "histogram_png",
+    "load_scores",
+    "progression_patients",
+    "render_report",
+    "thumbnail_png",
+    "timeline_png",
+]

@@ -1,0 +1,59 @@
+"""Options of ``covidray score`` (a pydantic model; YAML file + flags, see covidray.config)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from ..config import PSEUDONYM_KEY_ENV, DecodeConfig
+
+# Files under an input prefix that are never images (sidecars of a dataset folder).
+DEFAULT_EXCLUDE = (".csv", ".parquet", ".json", ".md", ".yaml", ".yml", ".html")
+
+
+class ScoreConfig(BaseModel):
+    """`covidray score --model URI --data URI --out URI`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str = Field(description="model directory (local or s3://)")
+    data: str = Field(description="dataset (manifest.parquet or its folder), or a prefix of images")
+    out: str = Field(description="output folder: predictions/ and overlays/")
+    overlays: bool = Field(False, description="also write overlays/<image_id>.png")
+    batch_size: int = Field(32, ge=1, le=4096, description="images per model call")
+    workers: int = Field(1, ge=1, description="scoring actors (one model each)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per actor without GPUs")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per actor (default: physical cores / workers)"
+    )
+    device: str | None = Field(
+        None, description="cuda, cpu; default: cuda when the cluster has GPUs"
+    )
+    amp: bool | None = Field(None, description="autocast; default: on CUDA only")
+    compile: bool = Field(False, description="torch.compile the backbone")
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = Field(
+        "PASSIVE",
+        description="OpenMP wait policy of the actors: PASSIVE keeps idle threads from spinning, "
+        "which on shared or oversubscribed CPUs is many times faster; None: inherit",
+    )
+    read_chunk: int = Field(16, ge=1, description="files per read/decode task batch")
+    decode_memory_mb: int = Field(768, ge=1, description="memory reserved per decode task")
+    rows_per_file: int = Field(1024, ge=1, description="prediction rows per Parquet file")
+    run_date: str | None = Field(
+        None, description="partition date YYYY-MM-DD (default: today, UTC)"
+    )
+    exclude_suffixes: tuple[str, ...] = Field(
+        DEFAULT_EXCLUDE, description="prefix inputs: skip files ending so (case-insensitive)"
+    )
+    wait_for_workers_s: int = Field(
+        900, ge=0, description="wait this long for the actors (model load) before reading"
+    )
+    decode: DecodeConfig = DecodeConfig()
+    pseudonym_key: SecretStr | None = Field(
+        default_factory=lambda: (
+            SecretStr(os.environ[PSEUDONYM_KEY_ENV]) if os.environ.get(PSEUDONYM_KEY_ENV) else None
+        ),
+        description=f"prefix inputs: HMAC key for DICOM PatientID (${PSEUDONYM_KEY_ENV})",
+    )

@@ -1,0 +1,207 @@
+"""The prediction files of ``covidray score``: schema, names, writing and reading.
+
+Layout under the job's output folder ``OUT``::
+
+    OUT/predictions/run_date=YYYY-MM-DD/part-<model_version>-<digest>.parquet
+    OUT/overlays/<image_id>.png                  (only with --overlays)
+
+Each Parquet file holds one batch of rows and is written in one atomic PUT / rename
+(:func:`covidray.storage.write_parquet`), so a reader (or a rerun) only ever sees complete
+files. ``<digest>`` is derived from the rows' keys (``image_id``, or ``uri`` for rows without
+one): a batch that is retried writes the same name again instead of a second copy. A row counts
+as done for its ``(image_id, model_version)``; reruns skip those, so re-running after a crash
+adds only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from .. import storage
+from ..labels import CLASSES
+
+PREDICTIONS_DIR = "predictions"
+OVERLAYS_DIR = "overlays"
+PARTITION_KEY = "run_date"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),  # sha256 of the raw bytes; null if unreadable
+        pa.field("uri", pa.string(), nullable=False),  # where the image is
+        pa.field("patient_id", pa.string()),  # pseudonymous, as in the manifest
+        pa.field("study_day", pa.float32()),
+        pa.field("study_date", pa.string()),
+        *[pa.field(f"prob_{c}", pa.float32()) for c in CLASSES],
+        pa.field("label", pa.string()),  # predicted class
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("cam_area", pa.float32()),
+        pa.field("cam_peak_y", pa.float32()),
+        pa.field("cam_peak_x", pa.float32()),
+        pa.field("cam_border_energy", pa.float32()),
+        pa.field("cam_png", pa.binary()),  # raw Grad-CAM at the target layer, 8-bit PNG
+        pa.field("error", pa.string()),  # reason code (decode.DecodeReason or unreadable...)
+        pa.field("error_detail", pa.string()),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+READ_SCHEMA = SCHEMA.append(pa.field(PARTITION_KEY, pa.string()))
+
+
+def predictions_root(uri: str) -> str:
+    """``OUT`` or ``OUT/predictions`` → the predictions folder."""
+    uri = storage.normalize(uri)
+    return uri if storage.basename(uri) == PREDICTIONS_DIR else storage.join(uri, PREDICTIONS_DIR)
+
+
+def partition_uri(out: str, run_date: str) -> str:
+    return storage.join(predictions_root(out), f"{PARTITION_KEY}={run_date}")
+
+
+def overlay_uri(out: str, image_id: str) -> str:
+    return storage.join(storage.normalize(out), OVERLAYS_DIR, f"{image_id}.png")
+
+
+def part_name(keys: Iterable[str], model_version: str) -> str:
+    """Deterministic file name for a batch with these row keys (order does not matter)."""
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode("utf-8")).hexdigest()[:24]
+    return f"part-{model_version}-{digest}.parquet"
+
+
+def row_key(image_id: str | None, uri: str) -> str:
+    return image_id if image_id else f"uri:{uri}"
+
+
+def to_table(columns: Mapping[str, Sequence[Any] | np.ndarray]) -> pa.Table:
+    """Columns (lists or arrays; NaN floats become nulls) → a table with :data:`SCHEMA`."""
+    n = len(columns["uri"])
+    arrays = []
+    for field in SCHEMA:
+        values = columns.get(field.name)
+        if values is None:
+            arrays.append(pa.nulls(n, field.type))
+            continue
+        if pa.types.is_floating(field.type):
+            arr = np.asarray(values, dtype=np.float64)
+            arrays.append(pa.array(arr, type=field.type, mask=np.isnan(arr)))
+        else:
+            vals = values.tolist() if isinstance(values, np.ndarray) else list(values)
+            arrays.append(pa.array([_null(v) for v in vals], type=field.type))
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _null(value: Any) -> Any:
+    """NaN/NaT/NA (pandas' missing values) → None."""
+    if value is None or isinstance(value, str | bytes):
+        return value
+    try:
+        return None if value != value else value  # NaN and NaT differ from themselves
+    except (TypeError, ValueError):  # pd.NA has no truth value
+        return None
+
+
+def write_part(table: pa.Table, out: str, run_date: str, model_version: str) -> str:
+    """Write one batch atomically under its deterministic name; returns its URI."""
+    keys = (
+        row_key(i, u)
+        for i, u in zip(
+            table.column("image_id").to_pylist(), table.column("uri").to_pylist(), strict=True
+        )
+    )
+    uri = storage.join(partition_uri(out, run_date), part_name(keys, model_version))
+    storage.write_parquet(table.cast(SCHEMA), uri)
+    return uri
+
+
+def fresh_listing(uri: str) -> None:
+    """Drop this process's cached S3 listings under ``uri``: other processes (Ray workers,
+    other runs) write there, and s3fs would otherwise answer from a stale listing."""
+    fs, path = storage.filesystem(uri)
+    fs.invalidate_cache(path)  # the folder and its parents; s3fs keeps the subfolders
+    cache = getattr(fs, "dircache", None)
+    if cache is not None:
+        for key in [k for k in list(cache) if k.startswith(path.rstrip("/") + "/")]:
+            cache.pop(key, None)
+
+
+def list_files(uri: str) -> list[str]:
+    """The prediction files under ``uri`` (``OUT``, ``OUT/predictions`` or one .parquet)."""
+    if uri.endswith(".parquet") and not storage.isdir(uri):
+        return [uri]
+    root = predictions_root(uri)
+    fresh_listing(root)
+    if not storage.exists(root):
+        return []
+    return [
+        f
+        for f in storage.walk_files(root)
+        if f.endswith(".parquet") and not storage.basename(f).startswith(("_", "."))
+    ]
+
+
+def read_predictions(
+    uri: str,
+    columns: Sequence[str] | None = None,
+    model_version: str | None = None,
+    dedupe: bool = False,
+) -> pa.Table:
+    """All prediction rows under ``uri`` (with a ``run_date`` column), optionally one model's.
+
+    ``dedupe`` keeps the most recent row per ``(image_id, model_version)`` (per ``uri`` for rows
+    without an image_id); the job itself never writes two, but copies merged by hand might.
+    """
+    wanted = list(columns) if columns else list(READ_SCHEMA.names)
+    if dedupe:
+        wanted += [c for c in ("image_id", "uri", "model_version", "scored_at") if c not in wanted]
+    files = list_files(uri)
+    if not files:
+        return READ_SCHEMA.empty_table().select(wanted)
+    fs, _ = storage.pyarrow_filesystem(files[0])
+    paths = [storage.filesystem(f)[1] for f in files]
+    single = len(files) == 1 and not storage.isdir(uri)
+    dataset = pads.dataset(
+        paths,
+        schema=SCHEMA if single else READ_SCHEMA,
+        format="parquet",
+        filesystem=fs,
+        partitioning=None
+        if single
+        else pads.partitioning(pa.schema([pa.field(PARTITION_KEY, pa.string())]), flavor="hive"),
+        partition_base_dir=None if single else storage.filesystem(predictions_root(uri))[1],
+    )
+    filt = pc.field("model_version") == model_version if model_version else None
+    read_cols = [c for c in wanted if c in dataset.schema.names]
+    table = dataset.to_table(columns=read_cols, filter=filt)
+    if PARTITION_KEY in wanted and PARTITION_KEY not in read_cols:
+        table = table.append_column(PARTITION_KEY, pa.nulls(table.num_rows, pa.string()))
+    table = table.select(wanted)
+    if dedupe and table.num_rows:
+        table = _latest(table)
+    return table.select(list(columns)) if columns else table
+
+
+def _latest(table: pa.Table) -> pa.Table:
+    ids = table.column("image_id").to_pylist()
+    uris = table.column("uri").to_pylist()
+    versions = table.column("model_version").to_pylist()
+    times = table.column("scored_at").to_pylist()
+    best: dict[tuple[str, str], int] = {}
+    for i, (image_id, u, v, t) in enumerate(zip(ids, uris, versions, times, strict=True)):
+        key = (row_key(image_id, u), v)
+        j = best.get(key)
+        if j is None or (t is not None and (times[j] is None or t > times[j])):
+            best[key] = i
+    return table.take(pa.array(sorted(best.values()), pa.int64()))
+
+
+def scored_ids(out: str, model_version: str) -> set[str]:
+    """image_ids that already have a row (a prediction or a decode error) for this model."""
+    table = read_predictions(out, columns=["image_id"], model_version=model_version)
+    return {i for i in table.column("image_id").to_pylist() if i}
