@@ -100,27 +100,14 @@ def run_plain(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_worker_data(cfg, rank=0, world=1)
     load_s = time.perf_counter() - t0
-    model, optimizer, scheduler, scaler, amp_dtype, augment, criterion = build_training(
-        cfg, data.sampler.steps, device
-    )
-    model = model.to(device)  # what prepare_model does for one worker
+    parts = build_training(cfg, data.sampler.steps, device)
+    model = parts.model.to(device)  # what prepare_model does for one worker
     epochs = []
     for epoch in range(cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, 0))
         t, cpu = time.perf_counter(), time.process_time()
         loss_sum, seen = train_one_epoch(
-            model,
-            data.sampler.batches(epoch, 0),
-            data.train_x,
-            data.train_y,
-            augment,
-            criterion,
-            optimizer,
-            scheduler,
-            scaler,
-            device,
-            amp_dtype,
-            epoch=epoch,
+            parts, data.sampler.batches(epoch, 0), data.train_x, data.train_y, device, epoch=epoch
         )
         train_s, train_cpu_s = time.perf_counter() - t, time.process_time() - cpu
         t_val = time.perf_counter()

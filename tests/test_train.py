@@ -123,26 +123,19 @@ def test_train_one_epoch_updates_weights():
 
     cfg = TrainConfig(data="d", out="o", **{**TINY, "input_size": 32})
     device = torch.device("cpu")
-    model, optimizer, scheduler, scaler, amp_dtype, augment, criterion = build_training(
-        cfg, steps_per_epoch=2, device=device
-    )
+    parts = build_training(cfg, steps_per_epoch=2, device=device)
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     steps: list[tuple[int, int, int]] = []
     batches = [torch.arange(0, 4), torch.arange(4, 8)]
     loss_sum, seen = train_one_epoch(
-        model,
+        parts,
         batches,
         x,
         y,
-        augment,
-        criterion,
-        optimizer,
-        scheduler,
-        scaler,
         device,
-        amp_dtype,
         hook=lambda **kw: steps.append((kw["epoch"], kw["step"], kw["rank"])),
         epoch=3,
         rank=0,
@@ -328,12 +321,18 @@ def test_two_worker_training_and_model_dir(killed_run, capsys):
         assert m["n"] > 0 and math.isfinite(m["accuracy"]) and math.isfinite(m["macro_f1"])
     assert card.training_data_hash == training_data_hash(load_rows(data))
 
-    # The loaded model reproduces the predictions the trainer scored, exactly.
+    # The loaded model reproduces the predictions the trainer scored: the same labels, hence
+    # identical counts and rates; probabilities may differ in the last float32 digits (the
+    # final evaluation ran in a Ray task with its own thread count), so ECE to 1e-6.
+    def same_report(got: dict, want: dict) -> bool:
+        got, want = dict(got), dict(want)
+        return got.pop("ece") == pytest.approx(want.pop("ece"), abs=1e-6) and got == want
+
     report = evaluate_model(model_uri, data, "test")
-    assert report.to_json() == card.metrics["test"]
+    assert same_report(report.to_json(), card.metrics["test"])
     assert main(["evaluate", "--model", model_uri, "--data", data, "--format", "json"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and json.loads(printed[0]) == card.metrics["test"]
+    assert len(printed) == 1 and same_report(json.loads(printed[0]), card.metrics["test"])
     assert model.config["backbone"] == "efficientnet_lite0"
 
 

@@ -232,28 +232,27 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def train_one_epoch(
-    model: nn.Module,
+    parts: TrainParts,
     batches: Iterable[torch.Tensor],
     train_x: torch.Tensor,
     train_y: torch.Tensor,
-    augment: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
     device: torch.device,
-    amp_dtype: torch.dtype,
     *,
+    model: nn.Module | None = None,
     hook: StepHook | None = None,
     ema: AveragedModel | None = None,
     epoch: int = 0,
     rank: int = 0,
 ) -> tuple[float, int]:
-    """One pass over ``batches`` (index tensors into ``train_x``/``train_y``): augmentation
-    on ``device``, autocast and channels_last on CUDA only, one optimizer and scheduler step
-    per batch, then an update of ``ema`` when given. Returns ``(sum of per-sample losses,
-    samples seen)``; the sum is read back from the device, so the call returns only when the
-    epoch's work is done."""
+    """One pass over ``batches`` (index tensors into ``train_x``/``train_y``) with the
+    optimizer, schedule, loss and augmentation of ``parts``: augmentation on ``device``,
+    autocast and channels_last on CUDA only, one optimizer and scheduler step per batch, then
+    an update of ``ema`` when given. ``model`` overrides ``parts.model`` (e.g. its DDP
+    wrapper). Returns ``(sum of per-sample losses, samples seen)``; the sum is read back from
+    the device, so the call returns only when the epoch's work is done."""
+    model = parts.model if model is None else model
+    optimizer, scheduler, scaler = parts.optimizer, parts.scheduler, parts.scaler
+    augment, criterion, amp_dtype = parts.augment, parts.criterion, parts.amp_dtype
     cuda = device.type == "cuda"
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -301,9 +300,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     load_s = time.perf_counter() - t0
 
     # --- model, optimizer, schedule -------------------------------------------------------
-    model, optimizer, scheduler, scaler, amp_dtype, augment, criterion = build_training(
-        cfg, sampler.steps, device
-    )
+    parts = build_training(cfg, sampler.steps, device)
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
 
     model.to(device)  # before the optimizer state is restored, so it lands on the device
     ema = build_ema(model, cfg.ema_decay)
@@ -317,7 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        parts.scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         best, history = dict(state["best"]), list(state["history"])
@@ -335,17 +333,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         t_train, cpu_train = time.perf_counter(), time.process_time()
         loss_sum, seen = train_one_epoch(
-            model,
+            parts,
             sampler.batches(epoch, rank),
             train_x,
             train_y,
-            augment,
-            criterion,
-            optimizer,
-            scheduler,
-            scaler,
             device,
-            amp_dtype,
+            model=model,
             hook=hook,
             ema=ema,
             epoch=epoch,
@@ -409,7 +402,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "model": _cpu_state(inner),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
+                    "scaler": parts.scaler.state_dict(),
                     **({"ema": ema.state_dict()} if ema is not None else {}),
                     "epoch": epoch,
                     "best": best,
