@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"training epochs of the short demo run (default {DEMO_EPOCHS}; "
         "`covidray train` defaults to the tuned recipe)",
     )
-    p.add_argument("--input-size", type=int, dest="input_size", help="default 224")
+    p.add_argument(
+        "--input-size", type=int, dest="input_size", default=224, help="default 224 (short run)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a classifier on Ray Train; writes <out>/model")

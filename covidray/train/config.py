@@ -33,7 +33,7 @@ class TrainConfig(_Config):
         '(or "none" without pretrained weights)',
     )
 
-    epochs: int = Field(24, ge=1)
+    epochs: int = Field(18, ge=1)
     batch_size: int = Field(16, ge=2, description="per worker")
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["cosine", "constant"] = "cosine"
@@ -48,7 +48,9 @@ class TrainConfig(_Config):
         description="validate, select and ship an exponential moving average of the weights "
         "(per optimizer step); None: the raw weights",
     )
-    input_size: int = Field(224, ge=32, le=1024)
+    input_size: int = Field(
+        256, ge=32, le=1024, description="squashed to this square; 256 beat 224 here"
+    )
 
     workers: int = Field(1, ge=1, description="Ray Train workers")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has any")
