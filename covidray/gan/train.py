@@ -16,7 +16,6 @@ import itertools
 import math
 import os
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -368,15 +367,13 @@ def run_gan_training(cfg: GanConfig, *, on_epoch: EpochCallback | None = None) -
     ``on_epoch(metrics)`` is called on the driver after every epoch (default: a line on
     stderr), and with ``{"event": "failure", ...}`` when a worker group fails.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
 
     from ..train.trainer import (
         cluster_has_gpus,
         default_printer,
-        progress_callback,
+        forwarded_progress,
         storage_args,
     )
 
@@ -390,45 +387,25 @@ def run_gan_training(cfg: GanConfig, *, on_epoch: EpochCallback | None = None) -
     name = cfg.run_name or f"gan-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
 
-    queue = Queue(actor_options={"num_cpus": 0})
     printer = on_epoch or default_printer(cfg.epochs, epoch_line)
-    done = threading.Event()
-
-    def pump() -> None:
-        while not done.is_set():
-            try:
-                item = queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:  # the queue actor went away: nothing more to show
-                return
-            printer(item)
-
-    thread = threading.Thread(target=pump, name="covidray-gan-progress", daemon=True)
-    thread.start()
-    trainer = TorchTrainer(
-        gan_train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            worker_runtime_env=worker_runtime_env() or None,
-            callbacks=[progress_callback(queue)],
-        ),
-    )
-    try:
+    with forwarded_progress(printer, "covidray-gan-progress") as callback:
+        trainer = TorchTrainer(
+            gan_train_loop_per_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json")},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+                worker_runtime_env=worker_runtime_env() or None,
+                callbacks=[callback],
+            ),
+        )
         result = trainer.fit()
-    finally:
-        time.sleep(0.5)  # let the last epoch line through
-        done.set()
-        thread.join(timeout=5)
-        ray.kill(queue.actor)
     if result.checkpoint is None:
         raise RuntimeError(f"GAN run {name} finished without a checkpoint")
     with checkpoint_dir(result.checkpoint) as d:

@@ -13,7 +13,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,6 +96,37 @@ def progress_callback(queue: Any) -> Any:
     return _ForwardMetrics(queue)
 
 
+@contextmanager
+def forwarded_progress(printer: EpochCallback, name: str) -> Iterator[Any]:
+    """Yield a Ray Train callback whose reports (rank 0's epoch metrics, worker failures) a
+    driver thread hands to ``printer``; the queue actor is removed on exit."""
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def pump() -> None:
+        while not done.is_set():
+            try:
+                item = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue actor went away: nothing more to show
+                return
+            printer(item)
+
+    thread = threading.Thread(target=pump, name=name, daemon=True)
+    thread.start()
+    try:
+        yield progress_callback(queue)
+    finally:
+        time.sleep(0.5)  # let the last epoch line through
+        done.set()
+        thread.join(timeout=5)
+        ray.kill(queue.actor)
+
+
 def storage_args(out: str) -> tuple[str, Any, str]:
     """``(storage_path, storage_filesystem, run root URI)`` for Ray Train's RunConfig: the
     ``ray`` folder under ``out``, local or on object storage."""
@@ -137,7 +169,6 @@ def run_training(
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
 
     started = time.time()
     rows = load_rows(cfg.data, cfg.augment_with)  # fail fast, before any worker starts
@@ -152,45 +183,25 @@ def run_training(
     resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
     runtime_env = worker_env()
 
-    queue = Queue(actor_options={"num_cpus": 0})
     printer = on_epoch or default_printer(cfg.epochs)
-    done = threading.Event()
-
-    def pump() -> None:
-        while not done.is_set():
-            try:
-                item = queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:  # the queue actor went away: nothing more to show
-                return
-            printer(item)
-
-    thread = threading.Thread(target=pump, name="covidray-train-progress", daemon=True)
-    thread.start()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "step_hook": step_hook},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            worker_runtime_env=runtime_env,
-            callbacks=[progress_callback(queue)],
-        ),
-    )
-    try:
+    with forwarded_progress(printer, "covidray-train-progress") as callback:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "step_hook": step_hook},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+                worker_runtime_env=runtime_env,
+                callbacks=[callback],
+            ),
+        )
         result = trainer.fit()
-    finally:
-        time.sleep(0.5)  # let the last epoch line through
-        done.set()
-        thread.join(timeout=5)
-        ray.kill(queue.actor)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
 
