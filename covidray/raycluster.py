@@ -6,7 +6,7 @@ import contextlib
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import storage
@@ -74,3 +74,18 @@ def checkpoint_dir(checkpoint: Any) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="covidray-restore-") as tmp:
         yield checkpoint.to_directory(tmp)
+
+
+def report_with_checkpoint(
+    metrics: dict[str, Any], save: Callable[[str], None] | None, prefix: str = "covidray-ckpt-"
+) -> None:
+    """``ray.train.report`` from a Train worker; ``save(folder)`` (rank 0 only, others pass
+    None) writes the checkpoint's files into a temporary folder that Ray then persists."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        checkpoint = None
+        if save is not None:
+            save(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import storage
 from ..ingest import encode_png
-from ..raycluster import checkpoint_dir, ensure_ray, worker_runtime_env
+from ..raycluster import checkpoint_dir, ensure_ray, report_with_checkpoint, worker_runtime_env
 from .config import GanConfig
 from .data import (
     DomainCache,
@@ -236,6 +236,10 @@ def load_state(directory: str) -> dict[str, Any]:
     return torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
 
 
+def _save_state(state: dict[str, Any], folder: str) -> None:
+    torch.save(state, os.path.join(folder, STATE_NAME))
+
+
 def gan_train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"cfg": GanConfig dump}``."""
     import ray.train
@@ -323,14 +327,13 @@ def gan_train_loop_per_worker(config: dict[str, Any]) -> None:
             "sample_uri": sample_uri,
         }
         history.append(metrics)
-        with tempfile.TemporaryDirectory(prefix="covidray-gan-ckpt-") as tmp:
-            ckpt = None
-            if rank == 0:
-                state = gan.state_dict(with_pools=cfg.checkpoint_pool)
-                state.update(epoch=epoch, history=history)
-                torch.save(state, os.path.join(tmp, STATE_NAME))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+
+        save = None
+        if rank == 0:
+            state = gan.state_dict(with_pools=cfg.checkpoint_pool)
+            state.update(epoch=epoch, history=history)
+            save = partial(_save_state, state)
+        report_with_checkpoint(metrics, save, "covidray-gan-ckpt-")
 
 
 # ------------------------------------------------------------------------------ driver side

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,7 +31,7 @@ from ..labels import CLASSES
 from ..metrics import evaluate_predictions
 from ..models import build_model
 from ..preprocess import from_uint8
-from ..raycluster import checkpoint_dir
+from ..raycluster import checkpoint_dir, report_with_checkpoint
 from .config import TrainConfig
 from .data import EpochSampler, load_images, load_rows, sample_weights, shard_indices
 from .evaluate import predict_probs
@@ -395,22 +395,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "stopped_early": stop,
         }
         history.append(metrics)
-        with tempfile.TemporaryDirectory(prefix="covidray-ckpt-") as tmp:
-            ckpt = None
-            if rank == 0:
-                state = {
-                    "model": _cpu_state(inner),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": parts.scaler.state_dict(),
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
-                    "epoch": epoch,
-                    "best": best,
-                    "history": history,
-                    "stopped": stop,
-                }
-                _save_checkpoint(tmp, state, best_state)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        save = None
+        if rank == 0:
+            state = {
+                "model": _cpu_state(inner),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": parts.scaler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "epoch": epoch,
+                "best": best,
+                "history": history,
+                "stopped": stop,
+            }
+            save = partial(_save_checkpoint, state=state, best=best_state)
+        report_with_checkpoint(metrics, save)
         if stop:
             break
