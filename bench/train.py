@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 from covidray import storage  # noqa: E402
 from covidray.config import IngestConfig  # noqa: E402
 from covidray.ingest import ingest  # noqa: E402
+from covidray.raycluster import reexec_with_malloc_tunables  # noqa: E402
 from covidray.train.config import TrainConfig  # noqa: E402
 from covidray.train.evaluate import predict_probs  # noqa: E402
 from covidray.train.loop import (  # noqa: E402
@@ -202,6 +203,7 @@ def print_table(cfg: TrainConfig, plain: dict[str, Any], ray_: dict[str, Any]) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    reexec_with_malloc_tunables()  # the Ray workers' allocator settings, here too
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="ingested dataset or raw folder (default: shared X-rays)")
     p.add_argument("--phantoms", type=int, help="use N phantoms per class instead of real data")

@@ -480,8 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder: predictions/run_date=.../*.parquet")
     p.add_argument("--overlays", action="store_true", default=None, help="write overlay PNGs")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="images per model call")
-    p.add_argument("--workers", type=int, help="scoring actors (default 1)")
-    p.add_argument("--threads", type=int, help="torch threads per actor")
+    p.add_argument(
+        "--workers", type=int, help="scoring actors (default: one per GPU, else one per Ray CPU)"
+    )
+    p.add_argument("--threads", type=int, help="torch threads per actor (default: cores / workers)")
     p.add_argument("--rows-per-file", type=int, dest="rows_per_file")
     p.add_argument("--device", help="cuda or cpu (default: cuda when the cluster has GPUs)")
     p.add_argument("--config", help="YAML file with ScoreConfig fields")

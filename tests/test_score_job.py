@@ -72,7 +72,7 @@ def sha(data: bytes) -> str:
 
 
 def cfg(**kw) -> ScoreConfig:
-    base = {"batch_size": 8, "rows_per_file": 16, "read_chunk": 8, "threads": 1}
+    base = {"batch_size": 8, "rows_per_file": 16, "read_chunk": 8, "workers": 1, "threads": 1}
     return ScoreConfig(**{**base, **kw})
 
 
@@ -126,6 +126,30 @@ def test_config_from_yaml_and_flags(tmp_path: Path, monkeypatch) -> None:
 
 
 # ------------------------------------------------------------------------------- incremental
+
+
+def test_actor_plan_defaults() -> None:
+    from covidray.score.pipeline import plan_actors
+
+    base = ScoreConfig(model="m", data="d", out="o")
+    cpu = {"CPU": 4.0}
+    # CPU: one actor with a thread per core; or as asked.
+    p = plan_actors(base, cpu, {"CPU": 2.0}, cores=2)
+    assert (p.device, p.workers, p.threads, p.resources) == ("cpu", 1, 2, {"num_cpus": 1.0})
+    assert p.read_tasks == 1
+    p = plan_actors(base.model_copy(update={"workers": 4}), cpu, cpu, cores=8)
+    assert (p.workers, p.threads) == (4, 2)
+    half = base.model_copy(update={"workers": 3, "cpus_per_worker": 0.5, "threads": 3})
+    p = plan_actors(half, cpu, cpu, 4)
+    assert (p.workers, p.threads, p.resources) == (3, 3, {"num_cpus": 0.5})
+    # GPUs: one actor per free GPU (at least one), unless the CPU is asked for.
+    gpu = {"CPU": 16.0, "GPU": 2.0}
+    p = plan_actors(base, gpu, gpu, cores=16)
+    assert (p.device, p.workers, p.threads, p.resources) == ("cuda", 2, 8, {"num_gpus": 1.0})
+    assert p.read_tasks == 8
+    assert plan_actors(base, gpu, {"CPU": 16.0}, cores=16).workers == 1  # all GPUs busy
+    p = plan_actors(base.model_copy(update={"device": "cpu"}), gpu, gpu, cores=16)
+    assert (p.device, p.workers, p.threads) == ("cpu", 1, 16)
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -31,6 +31,19 @@ def test_roundtrip_bytes_text_parquet(root: str) -> None:
     assert storage.size(storage.join(root, "a/b.bin")) == 2
 
 
+def test_read_many_keeps_order_literal_names_and_per_file_errors(root: str) -> None:
+    names = [f"img{i}.png" for i in range(40)] + ["odd [1]*?.png"]  # glob characters, literally
+    for i, name in enumerate(names):
+        storage.write_bytes(storage.join(root, name), f"data-{i}".encode())
+    uris = [storage.join(root, n) for n in names]
+    missing = storage.join(root, "missing.png")
+    got = storage.read_many([*uris[:20], missing, *uris[20:]], max_concurrency=4)
+    assert got[:20] == [f"data-{i}".encode() for i in range(20)]
+    assert isinstance(got[20], FileNotFoundError)
+    assert got[21:] == [f"data-{i}".encode() for i in range(20, 41)]
+    assert storage.read_many([]) == []
+
+
 def test_failed_write_leaves_nothing_under_final_name(root: str) -> None:
     target = storage.join(root, "out/partial.bin")
     with pytest.raises(RuntimeError):

@@ -404,7 +404,7 @@ def run_gan_training(cfg: GanConfig, *, on_epoch: EpochCallback | None = None) -
                 storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-                worker_runtime_env=worker_runtime_env() or None,
+                worker_runtime_env=worker_runtime_env(),
                 callbacks=[callback],
             ),
         )

@@ -2,17 +2,21 @@
 
 Stages (each a ``map_batches``):
 
-1. **read + decode** (CPU tasks, ``read_chunk`` files each): fetch the bytes concurrently,
-   ``image_id`` = sha256 of the raw bytes (a manifest's own ``image_id`` for datasets, which
-   ingest computed the same way from the original file), decode, squash-resize to the model's
-   input size and keep it as uint8 (``S×S``, 50 KB at 224: small blocks to move). A file that
-   cannot be read or decoded becomes a row with ``error``/``error_detail``; nothing raises.
-2. **score** (an actor pool, ``concurrency=workers``; ``num_gpus=1`` each when the cluster has
-   GPUs, else ``cpus_per_worker``): each actor holds one :class:`covidray.predict.Predictor`
+1. **read + decode** (tasks, ``read_chunk`` files each, at most ``read_tasks`` at a time):
+   fetch the bytes concurrently, ``image_id`` = sha256 of the raw bytes (a manifest's own
+   ``image_id`` for datasets, which ingest computed the same way from the original file),
+   decode, squash-resize to the model's input size and keep it as uint8 (``S×S``, 50 KB at
+   224: small blocks to move). A file that cannot be read or decoded becomes a row with
+   ``error``/``error_detail``; nothing raises.
+2. **score** (an actor pool, :func:`plan_actors`: one actor per GPU, or one actor with a
+   thread per core): each actor holds one :class:`covidray.predict.Predictor`
    and adds probabilities, label and Grad-CAM (summary numbers and the raw map as a PNG).
-3. **write** (CPU tasks, ``rows_per_file`` rows each): optional overlay PNGs, then one Parquet
+3. **write** (tasks, ``rows_per_file`` rows each): optional overlay PNGs, then one Parquet
    file per batch through :func:`covidray.score.results.write_part` (atomic, deterministic
    name). The overlays are written first, so a Parquet file is the batch's commit record.
+
+The read and write stages mostly wait on storage: they reserve no Ray CPU (a cap on how many
+run at once instead), so that the scoring actors, the bottleneck, can have every CPU.
 
 Incremental and idempotent: before reading anything the driver collects the ``image_id`` of
 every row already written for this model version (a prediction or a decode error). Dataset
@@ -77,6 +81,40 @@ class ScoreResult(BaseModel):
     img_per_s: float  # n_scored / elapsed_s
     startup_s: float  # Ray connection + actor start (model load), before the first read
     wall_s: float
+    device: str = ""  # the scoring actors'
+    workers: int = 0
+    threads: int = 0
+
+
+class ActorPlan(BaseModel):
+    """How the scoring stage runs: where, how many actors, threads and Ray resources each."""
+
+    device: str
+    workers: int
+    threads: int
+    resources: dict[str, float]
+    read_tasks: int
+
+
+def plan_actors(
+    cfg: ScoreConfig, cluster: dict[str, float], available: dict[str, float], cores: int
+) -> ActorPlan:
+    """Resolve the config's defaults against the cluster (``ray.cluster_resources()``,
+    ``ray.available_resources()``) and this node's physical ``cores``."""
+    use_gpu = cluster.get("GPU", 0) > 0 and cfg.device in (None, "cuda")
+    device = "cuda" if use_gpu else (cfg.device or "cpu")
+    if device == "cuda":
+        resources = {"num_gpus": 1.0}
+        auto = max(1, int(available.get("GPU", 0)))
+    else:  # one actor using every core beat one single-threaded actor per core (bench/score.py)
+        resources = {"num_cpus": cfg.cpus_per_worker}
+        auto = 1
+    workers = cfg.workers or auto
+    threads = cfg.threads or max(1, cores // workers)
+    read_tasks = cfg.read_tasks or (4 * workers if device == "cuda" else 1)
+    return ActorPlan(
+        device=device, workers=workers, threads=threads, resources=resources, read_tasks=read_tasks
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,26 +196,6 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _fetch(uris: list[str], threads: int = 16) -> dict[str, bytes | Exception]:
-    """Read many objects concurrently (S3 latency overlaps); errors come back as values.
-
-    One GET per object through :func:`covidray.storage.read_bytes` (fsspec's list ``cat``
-    would treat ``[``, ``*`` or ``?`` in file names as glob patterns).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(uri: str) -> bytes | Exception:
-        try:
-            return storage.read_bytes(uri)
-        except Exception as exc:  # missing, permission, network: this file's error row
-            return exc
-
-    if len(uris) <= 1:
-        return {u: one(u) for u in uris}
-    with ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
-        return dict(zip(uris, pool.map(one, uris), strict=True))
-
-
 def read_decode(
     batch: dict[str, np.ndarray],
     *,
@@ -207,7 +225,7 @@ def read_decode(
         status[i], errors[i], details[i] = ERROR, reason, detail[:500]
 
     wanted = [u for u, s in zip(uris, sizes, strict=True) if s is None or s <= max_bytes]
-    blobs = _fetch(wanted)
+    blobs = dict(zip(wanted, storage.read_many(wanted), strict=True))
     for i, uri in enumerate(uris):
         if sizes[i] is not None and sizes[i] > max_bytes:
             fail(i, "too_large", f"file larger than {max_bytes} bytes")
@@ -441,7 +459,7 @@ def run_score(
     """
     import ray
 
-    from ..raycluster import ensure_ray, worker_runtime_env
+    from ..raycluster import ensure_ray
 
     t_start = time.time()
     card = read_card(cfg.model)
@@ -473,15 +491,9 @@ def run_score(
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = cfg.wait_for_workers_s  # load the models before reading
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.device in (None, "cuda")
-    device = "cuda" if use_gpu else (cfg.device or "cpu")
-    if cfg.threads:
-        threads = cfg.threads
-    else:
-        from ..predict import physical_cores
+    from ..predict import physical_cores
 
-        threads = max(1, physical_cores() // cfg.workers)
-    env = worker_runtime_env() or None
+    plan = plan_actors(cfg, ray.cluster_resources(), ray.available_resources(), physical_cores())
     chunk = cfg.read_chunk
     blocks = [items.slice(i, chunk) for i in range(0, items.num_rows, chunk)]
     key = cfg.pseudonym_key.get_secret_value().encode() if cfg.pseudonym_key else None
@@ -497,34 +509,33 @@ def run_score(
             "max_pixels": cfg.decode.max_pixels,
             "pseudonym_key": key,
         },
-        num_cpus=1,
+        # Reads mostly wait on storage: no Ray CPU, a cap on how many run at once instead.
+        num_cpus=0,
+        concurrency=plan.read_tasks,
         # Room for one large decode; also, resources that differ from the actors' keep Ray
-        # Data from fusing this stage into the actor pool: decoding stays in CPU tasks.
+        # Data from fusing this stage into the actor pool: decoding stays in its own tasks.
         memory=cfg.decode_memory_mb * 2**20,
-        runtime_env=env,
     )
-    actor_env = dict(env or {})
+    # Workers get the job's runtime env (AWS settings, malloc tunables: ensure_ray); the
+    # actors add their OpenMP wait policy, read when their process loads OpenMP.
+    actor_env: dict[str, Any] = {}
     if cfg.omp_wait_policy:  # read when the actor's process loads OpenMP: set it for the process
-        vars_ = {**actor_env.get("env_vars", {}), "OMP_WAIT_POLICY": cfg.omp_wait_policy}
-        actor_env["env_vars"] = vars_
-    actor_resources: dict[str, Any] = (
-        {"num_gpus": 1} if device == "cuda" else {"num_cpus": cfg.cpus_per_worker}
-    )
+        actor_env["env_vars"] = {"OMP_WAIT_POLICY": cfg.omp_wait_policy}
     ds = ds.map_batches(
         ScoreWorker,
         fn_constructor_kwargs={
             "model_uri": cfg.model,
-            "device": device,
-            "threads": threads,
+            "device": plan.device,
+            "threads": plan.threads,
             "amp": cfg.amp,
             "compile": cfg.compile,
             "keep_pixels": cfg.overlays,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        compute=ray.data.ActorPoolStrategy(size=plan.workers),
         runtime_env=actor_env or None,
-        **actor_resources,
+        **plan.resources,
     )
     ds = ds.map_batches(
         write_batch,
@@ -536,8 +547,8 @@ def run_score(
             "model_version": version,
             "overlays": cfg.overlays,
         },
-        num_cpus=0.5,
-        runtime_env=env,
+        num_cpus=0,
+        concurrency=2,
     )
     reasons: Counter[str] = Counter()
     n_scored = n_errors = n_files = 0
@@ -562,6 +573,9 @@ def run_score(
             "img_per_s": round(n_scored / elapsed, 2),
             "startup_s": round(max(0.0, first_read - t_start), 3),
             "wall_s": round(time.time() - t_start, 3),
+            "device": plan.device,
+            "workers": plan.workers,
+            "threads": plan.threads,
         }
     )
 
@@ -580,6 +594,7 @@ def summary_table(result: ScoreResult) -> Any:
         ("skipped (already scored)", result.n_skipped),
         ("errors", f"{result.n_errors}" + (f" ({reasons})" if reasons else "")),
         ("files written", result.n_files),
+        ("scoring actors", f"{result.workers} × {result.threads} thread(s) on {result.device}"),
         ("img/s (first read → last write)", f"{result.img_per_s:.1f}"),
         ("scoring time", f"{result.elapsed_s:.1f} s"),
         ("startup (Ray, model load)", f"{result.startup_s:.1f} s"),

@@ -49,7 +49,10 @@ class TrainConfig(_Config):
         "(per optimizer step); None: the raw weights",
     )
     input_size: int = Field(
-        256, ge=32, le=1024, description="squashed to this square; 256 beat 224 here"
+        320,
+        ge=32,
+        le=1024,
+        description="squashed to this square (320: see the README's results for 224/256/320)",
     )
 
     workers: int = Field(1, ge=1, description="Ray Train workers")

@@ -35,8 +35,7 @@ def predict_probs(
     try:
         for start in range(0, len(images_u8), batch_size):
             x = from_uint8(images_u8[start : start + batch_size].to(device, non_blocking=True))
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 p = model(x).float().softmax(-1)
                 if tta_hflip:

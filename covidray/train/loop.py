@@ -1,8 +1,8 @@
 """The per-worker training function that Ray Train's TorchTrainer runs on every worker.
 
 Per epoch: balanced sampling from the worker's decode-once cache, kornia augmentation on the
-batch's device, AdamW with warmup + cosine schedule, label-smoothed cross-entropy (autocast and
-channels_last on CUDA only), then validation (sharded, gathered, identical on every rank) and
+batch's device, AdamW with warmup + cosine schedule, label-smoothed cross-entropy (channels_last;
+autocast on CUDA only), then validation (sharded, gathered, identical on every rank) and
 ``ray.train.report`` with a checkpoint from rank 0. A checkpoint holds the latest model,
 optimizer, scheduler and scaler state, the epoch, the history and the best-so-far weights
 (``best.safetensors``), so a restarted worker group resumes at checkpoint epoch + 1.
@@ -175,7 +175,7 @@ class TrainParts(NamedTuple):
 
 
 def build_training(cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> TrainParts:
-    """Model (seeded by ``cfg.seed``, channels_last on CUDA, still on the CPU), AdamW with the
+    """Model (seeded by ``cfg.seed``, channels_last, still on the CPU), AdamW with the
     warmup + cosine schedule, the grad scaler (fp16 autocast only), the augmentation on
     ``device`` and the label-smoothed loss."""
     cuda = device.type == "cuda"
@@ -188,8 +188,8 @@ def build_training(cfg: TrainConfig, steps_per_epoch: int, device: torch.device)
         freeze=cfg.freeze,
         weights_sha256=cfg.weights_sha256,
     )
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on CPUs too: oneDNN's convolutions are about 1.7x faster a step here.
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -246,7 +246,7 @@ def train_one_epoch(
 ) -> tuple[float, int]:
     """One pass over ``batches`` (index tensors into ``train_x``/``train_y``) with the
     optimizer, schedule, loss and augmentation of ``parts``: augmentation on ``device``,
-    autocast and channels_last on CUDA only, one optimizer and scheduler step per batch, then
+    channels_last, autocast on CUDA only, one optimizer and scheduler step per batch, then
     an update of ``ema`` when given. ``model`` overrides ``parts.model`` (e.g. its DDP
     wrapper). Returns ``(sum of per-sample losses, samples seen)``; the sum is read back from
     the device, so the call returns only when the epoch's work is done."""
@@ -264,8 +264,7 @@ def train_one_epoch(
         y = train_y[idx].to(device, non_blocking=True)
         with torch.no_grad():
             x = augment(x)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda):
             logits = model(x)
         loss = criterion(logits.float(), y)
