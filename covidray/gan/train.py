@@ -16,9 +16,7 @@ import itertools
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -29,7 +27,7 @@ from torch import nn
 
 from .. import storage
 from ..ingest import encode_png
-from ..raycluster import checkpoint_dir, ensure_ray, report_with_checkpoint, worker_runtime_env
+from ..raycluster import checkpoint_dir, report_with_checkpoint
 from .config import GanConfig
 from .data import (
     DomainCache,
@@ -370,55 +368,27 @@ def run_gan_training(cfg: GanConfig, *, on_epoch: EpochCallback | None = None) -
     ``on_epoch(metrics)`` is called on the driver after every epoch (default: a line on
     stderr), and with ``{"event": "failure", ...}`` when a worker group fails.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ..train.trainer import (
-        cluster_has_gpus,
-        default_printer,
-        forwarded_progress,
-        storage_args,
-    )
+    from ..train.trainer import default_printer, fit_on_ray
 
     t0 = time.perf_counter()
     rows_a, rows_b = load_domains(
         cfg.data, (cfg.domain_a, cfg.filter_a), (cfg.domain_b, cfg.filter_b)
     )
-    ensure_ray()
-    use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
-    storage_path, storage_fs, root = storage_args(cfg.out)
-    name = cfg.run_name or f"gan-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
-
-    printer = on_epoch or default_printer(cfg.epochs, epoch_line)
-    with forwarded_progress(printer, "covidray-gan-progress") as callback:
-        trainer = TorchTrainer(
-            gan_train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json")},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-                worker_runtime_env=worker_runtime_env(),
-                callbacks=[callback],
-            ),
-        )
-        result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"GAN run {name} finished without a checkpoint")
-    with checkpoint_dir(result.checkpoint) as d:
+    run = fit_on_ray(
+        gan_train_loop_per_worker,
+        {"cfg": cfg.model_dump(mode="json")},
+        cfg,
+        kind="gan",
+        printer=on_epoch or default_printer(cfg.epochs, epoch_line),
+    )
+    with checkpoint_dir(run.result.checkpoint) as d:
         state = load_state(d)
     history = list(state["history"])
     generator = ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks)
     generator.load_state_dict(state["g_ab"])
     rates = [h["s_per_iter"] for h in history]
     s_per_iter = float(np.median(rates)) if rates else math.nan
-    run_path = storage.join(root, name)
+    run_path = run.run_path
     card = GeneratorCard(
         architecture=dict(generator.config),
         size=cfg.size,
@@ -433,7 +403,7 @@ def run_gan_training(cfg: GanConfig, *, on_epoch: EpochCallback | None = None) -
             "n_a": len(rows_a),
             "n_b": len(rows_b),
             "workers": cfg.workers,
-            "use_gpu": use_gpu,
+            "use_gpu": run.use_gpu,
             "parameters": count_parameters(generator),
             "s_per_iter": s_per_iter,
             "wall_s": time.perf_counter() - t0,

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel
 
@@ -154,6 +154,66 @@ def worker_env() -> dict[str, Any]:
     return {**env, "env_vars": env_vars}
 
 
+class RaySettings(Protocol):
+    """The run settings that :func:`fit_on_ray` reads (TrainConfig and GanConfig have them)."""
+
+    out: str
+    run_name: str | None
+    workers: int
+    use_gpu: bool | None
+    max_failures: int
+    num_to_keep: int
+
+
+class RayRun(NamedTuple):
+    result: Any  # ray.train.Result, with a checkpoint
+    run_path: str  # the run's folder under <out>/ray (checkpoints)
+    use_gpu: bool
+
+
+def fit_on_ray(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    cfg: RaySettings,
+    *,
+    kind: str,
+    printer: EpochCallback,
+) -> RayRun:
+    """Run ``loop`` on a ``TorchTrainer``: ``cfg.workers`` workers (a GPU each when the
+    cluster has them, unless ``cfg.use_gpu`` says), checkpoints under ``<cfg.out>/ray/<run
+    name>`` (S3 included), restarts from the latest checkpoint, progress lines through
+    ``printer``. The run name is ``cfg.run_name`` or ``<kind>-<UTC time>-<random>``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
+    use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
+    storage_path, storage_fs, root = storage_args(cfg.out)
+    name = cfg.run_name or f"{kind}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+    with forwarded_progress(printer, f"covidray-{kind}-progress") as callback:
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(
+                num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+                worker_runtime_env=worker_env(),
+                callbacks=[callback],
+            ),
+        )
+        result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{kind} run {name} finished without a checkpoint")
+    return RayRun(result, storage.join(root, name), use_gpu)
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -167,8 +227,6 @@ def run_training(
     line on stderr); ``step_hook(epoch=, step=, rank=)`` runs on the workers before every step.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     started = time.time()
     rows = load_rows(cfg.data, cfg.augment_with)  # fail fast, before any worker starts
@@ -176,41 +234,20 @@ def run_training(
     if not {"train", "val"} <= splits:
         raise ValueError(f"{cfg.data}: need labelled train and val rows (found {sorted(splits)})")
 
-    ensure_ray()
-    use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
-    storage_path, storage_fs, root = storage_args(cfg.out)
-    name = cfg.run_name or f"train-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
-    runtime_env = worker_env()
-
-    printer = on_epoch or default_printer(cfg.epochs)
-    with forwarded_progress(printer, "covidray-train-progress") as callback:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "step_hook": step_hook},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-                worker_runtime_env=runtime_env,
-                callbacks=[callback],
-            ),
-        )
-        result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {name} finished without a checkpoint")
+    run = fit_on_ray(
+        train_loop_per_worker,
+        {"cfg": cfg.model_dump(mode="json"), "step_hook": step_hook},
+        cfg,
+        kind="train",
+        printer=on_epoch or default_printer(cfg.epochs),
+    )
 
     # Final evaluation and the model directory: a Ray task with the workers' environment (and
     # a GPU when training had them), on this node when the output is a local folder.
     options: dict[str, Any] = {
         "num_cpus": 1,
-        "num_gpus": 1 if use_gpu else 0,
-        "runtime_env": runtime_env,
+        "num_gpus": 1 if run.use_gpu else 0,
+        "runtime_env": worker_env(),
         "max_retries": 1,
     }
     if not storage.is_remote(cfg.out):
@@ -222,9 +259,9 @@ def run_training(
     return ray.get(
         task.remote(
             cfg.model_dump(mode="json"),
-            result.checkpoint,
-            storage.join(root, name),
-            use_gpu,
+            run.result.checkpoint,
+            run.run_path,
+            run.use_gpu,
             started,
         )
     )
