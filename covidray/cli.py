@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", action="store_true", default=None, help="write overlay PNGs")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="images per model call")
     p.add_argument(
-        "--workers", type=int, help="scoring actors (default: one per GPU, else one per Ray CPU)"
+        "--workers", type=int, help="scoring actors (default: one per free GPU, else one)"
     )
     p.add_argument("--threads", type=int, help="torch threads per actor (default: cores / workers)")
     p.add_argument("--rows-per-file", type=int, dest="rows_per_file")

@@ -145,7 +145,7 @@ def read_many(uris: Iterable[str], max_concurrency: int = 32) -> list[bytes | Ex
     uris = list(uris)
     out: list[bytes | Exception] = [b""] * len(uris)
     remote = [i for i, u in enumerate(uris) if scheme(u) == "s3"]
-    for i in sorted(set(range(len(uris))) - set(remote)):
+    for i in (i for i, u in enumerate(uris) if scheme(u) != "s3"):
         try:
             out[i] = read_bytes(uris[i])
         except Exception as exc:  # missing, permission, ...: this file's result

@@ -516,10 +516,10 @@ def run_score(
         # Data from fusing this stage into the actor pool: decoding stays in its own tasks.
         memory=cfg.decode_memory_mb * 2**20,
     )
-    # Workers get the job's runtime env (AWS settings, malloc tunables: ensure_ray); the
+    # Every worker has the job's runtime env (AWS settings, malloc tunables: ensure_ray); the
     # actors add their OpenMP wait policy, read when their process loads OpenMP.
     actor_env: dict[str, Any] = {}
-    if cfg.omp_wait_policy:  # read when the actor's process loads OpenMP: set it for the process
+    if cfg.omp_wait_policy:
         actor_env["env_vars"] = {"OMP_WAIT_POLICY": cfg.omp_wait_policy}
     ds = ds.map_batches(
         ScoreWorker,

@@ -88,15 +88,25 @@ def training_data_hash(rows: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
+READ_CHUNK = 64  # files fetched at once by load_images
+
+
 def load_images(
     uris: list[str], size: int, progress: Callable[[int, int], None] | None = None
 ) -> torch.Tensor:
-    """Read and decode each image once: ``N×1×size×size`` uint8 (squash resize, antialiased)."""
+    """Read and decode each image once: ``N×1×size×size`` uint8 (squash resize, antialiased).
+
+    Files are fetched ``READ_CHUNK`` at a time with :func:`covidray.storage.read_many`
+    (concurrent GETs on S3); an unreadable file raises."""
     out = torch.empty((len(uris), 1, size, size), dtype=torch.uint8)
-    for i, uri in enumerate(uris):
-        out[i] = to_uint8(to_model_input(decode_image(storage.read_bytes(uri)), size))
-        if progress is not None:
-            progress(i + 1, len(uris))
+    for start in range(0, len(uris), READ_CHUNK):
+        blobs = storage.read_many(uris[start : start + READ_CHUNK])
+        for i, data in enumerate(blobs, start):
+            if isinstance(data, BaseException):
+                raise data
+            out[i] = to_uint8(to_model_input(decode_image(data), size))
+            if progress is not None:
+                progress(i + 1, len(uris))
     return out
 
 
