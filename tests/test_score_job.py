@@ -304,9 +304,13 @@ def test_driver_sigkill_then_rerun_has_one_row_per_image(
     put_files(f"{s3_bucket}/in", files)
     save_tiny_model(f"{s3_bucket}/model", seed=2)
     out = f"{s3_bucket}/out"
+    # Small read chunks and files keep the run fine-grained enough to stop it halfway.
+    config = tmp_path / "score.yaml"
+    config.write_text("read_chunk: 8\n")
     argv = [
         "--model", f"{s3_bucket}/model", "--data", f"{s3_bucket}/in", "--out", out,
         "--batch-size", "4", "--rows-per-file", "8", "--workers", "1", "--threads", "1",
+        "--config", str(config),
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     log1 = tmp_path / "run1"
