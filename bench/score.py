@@ -50,12 +50,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from covidray import storage  # noqa: E402
+from covidray.codec import u8_to_unit_tensor, unit_to_u8_tensor  # noqa: E402
 from covidray.decode import decode_image  # noqa: E402
 from covidray.modeldir import ModelCard, save_model_dir  # noqa: E402
 from covidray.models import build_model  # noqa: E402
-from covidray.predict import Predictor, physical_cores  # noqa: E402
-from covidray.preprocess import from_uint8, to_model_input, to_uint8  # noqa: E402
-from covidray.raycluster import reexec_with_malloc_tunables  # noqa: E402
+from covidray.predict import Predictor  # noqa: E402
+from covidray.preprocess import to_model_input  # noqa: E402
+from covidray.runtime.cluster import reexec_with_malloc_tunables  # noqa: E402
+from covidray.runtime.threads import physical_cores  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "cxr"
 
@@ -154,7 +156,7 @@ def bench_inline(
 
     def forward(i: int) -> None:
         with torch.inference_mode():
-            net(from_uint8(batches[i]).contiguous(memory_format=torch.channels_last))
+            net(u8_to_unit_tensor(batches[i]).contiguous(memory_format=torch.channels_last))
 
     def ours(i: int) -> None:
         predictor.predict(batches[i], with_cam=True)
@@ -215,7 +217,7 @@ def bench_job(
 
         import ray
 
-        from covidray.raycluster import ensure_ray
+        from covidray.runtime.cluster import ensure_ray
         from covidray.score import ScoreConfig, run_score
 
         cores = physical_cores()
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # as in the job's decode tasks
     decoded = torch.stack(
-        [to_uint8(to_model_input(decode_image(b), args.size)) for b in blobs]
+        [unit_to_u8_tensor(to_model_input(decode_image(b), args.size)) for b in blobs]
     )  # N x 1 x S x S uint8, as the job's decode stage makes them
     torch.set_num_threads(cores)
     print(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 
 # Before torch loads OpenMP: idle threads sleep instead of spinning (the Ray workers get the
-# same through covidray.train.trainer.worker_env, which forwards this process's value).
+# same through covidray.runtime.train.worker_env, which forwards this process's value).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -54,12 +54,12 @@ sys.path.insert(0, str(REPO))
 from covidray import storage  # noqa: E402
 from covidray.config import IngestConfig  # noqa: E402
 from covidray.ingest import ingest  # noqa: E402
-from covidray.raycluster import reexec_with_malloc_tunables  # noqa: E402
+from covidray.predict import predict_probs  # noqa: E402
+from covidray.runtime.cluster import reexec_with_malloc_tunables  # noqa: E402
+from covidray.runtime.threads import threads_per_worker  # noqa: E402
 from covidray.train.config import TrainConfig  # noqa: E402
-from covidray.train.evaluate import predict_probs  # noqa: E402
 from covidray.train.loop import (  # noqa: E402
     build_training,
-    default_threads,
     epoch_seed,
     load_worker_data,
     train_one_epoch,
@@ -97,7 +97,7 @@ def prepare_data(args: argparse.Namespace, work: str) -> tuple[str, str]:
 def run_plain(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """The training step loop in this process, as one Ray Train worker of one would run it."""
     cuda = device.type == "cuda"
-    torch.set_num_threads(cfg.torch_threads or default_threads(1))
+    torch.set_num_threads(cfg.torch_threads or threads_per_worker(1))
     t0 = time.perf_counter()
     data = load_worker_data(cfg, rank=0, world=1)
     load_s = time.perf_counter() - t0
@@ -138,11 +138,12 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
     """``run_training`` with one worker; per-epoch metrics from its history."""
     import ray
 
+    from covidray.cli.render import epoch_printer, train_epoch_line
     from covidray.train.trainer import run_training
 
     t0 = time.perf_counter()
     try:
-        result = run_training(cfg)
+        result = run_training(cfg, on_epoch=epoch_printer(cfg.epochs, train_epoch_line))
     finally:
         ray.shutdown()
     wall_s = time.perf_counter() - t0
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_gpu else "cpu")
-    threads = args.threads or default_threads(1)
+    threads = args.threads or threads_per_worker(1)
     work = tempfile.mkdtemp(prefix="bench-train-")
     load0 = os.getloadavg()
     try:

@@ -11,35 +11,13 @@ to keep anatomy plausible.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import kornia.augmentation as K
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from .config import AugmentConfig
 
-class AugmentConfig(BaseModel):
-    """Augmentation settings; ``None`` (or 0 for rotation/shift) switches a transform off."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rotation_deg: float = Field(10.0, ge=0, le=180)
-    shift: float = Field(0.1, ge=0, lt=1)  # fraction of width and of height
-    hflip: bool = True  # paper's choice; moves the heart to the wrong side
-    gamma: tuple[float, float] | None = (0.8, 1.25)
-    contrast: tuple[float, float] | None = (0.8, 1.2)
-    p_intensity: float = Field(0.5, ge=0, le=1)
-    # Filling of pixels moved in by rotation/shift: "border" repeats the edge, like Keras'
-    # default fill_mode="nearest"; "zeros" fills black.
-    padding_mode: Literal["border", "zeros", "reflection"] = "border"
-
-    @field_validator("gamma", "contrast")
-    @classmethod
-    def _ordered_positive(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not 0 < v[0] <= v[1]:
-            raise ValueError(f"range must satisfy 0 < low <= high, got {v}")
-        return v
+__all__ = ["AugmentConfig", "Clamp01", "build_augmentation"]
 
 
 class Clamp01(nn.Module):

@@ -1,12 +1,18 @@
 """Configuration: every command's options are one pydantic model, loadable from YAML.
 
-Command-line flags override the YAML file, which overrides the defaults here.
+The convention: every options model subclasses :class:`Config` and lives in its package's
+``config.py`` (this file for the top-level modules: ingest, synth, decoding, augmentation;
+``train/``, ``gan/``, ``score/``, ``report/`` have their own). Config modules import neither
+torch, kornia nor Ray, so that a command line or a job submission can build and check them
+cheaply. The command line derives its flags from these models; YAML files (``--config``) set
+any field; flags override the file, which overrides the defaults here. Secret fields
+(``SecretStr``) come from the environment or a file, never from a flag.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -18,11 +24,33 @@ T = TypeVar("T", bound=BaseModel)
 PSEUDONYM_KEY_ENV = "COVIDRAY_PSEUDONYM_KEY"
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Config(BaseModel):
+    """Base of every options model: unknown fields are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
-class SplitConfig(_Config):
+def _pseudonym_key_from_env() -> SecretStr | None:
+    value = os.environ.get(PSEUDONYM_KEY_ENV)
+    return SecretStr(value) if value else None
+
+
+# The site's secret for keyed pseudonyms of patient identifiers (HMAC-SHA256).
+PseudonymKey = Annotated[
+    SecretStr | None,
+    Field(
+        default_factory=_pseudonym_key_from_env,
+        description=f"HMAC key for patient-id pseudonyms (default: ${PSEUDONYM_KEY_ENV})",
+    ),
+]
+
+
+def secret_bytes(value: SecretStr | None) -> bytes | None:
+    """The secret's UTF-8 bytes, or None."""
+    return value.get_secret_value().encode() if value is not None else None
+
+
+class SplitConfig(Config):
     """Patient-level stratified split."""
 
     fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
@@ -37,12 +65,12 @@ class SplitConfig(_Config):
         return v
 
 
-class DecodeConfig(_Config):
+class DecodeConfig(Config):
     max_pixels: int = Field(50_000_000, gt=0, description="refuse images larger than this")
     max_bytes: int = Field(256 * 1024 * 1024, gt=0, description="refuse files larger than this")
 
 
-class IngestConfig(_Config):
+class IngestConfig(Config):
     """`covidray ingest SRC DEST`."""
 
     src: str
@@ -52,12 +80,7 @@ class IngestConfig(_Config):
         "auto", description="auto, class-folders, manifest, ieee8023, kaggle, dicom"
     )
     labels: str | None = Field(None, description="CSV (file,label) for unlabelled layouts")
-    pseudonym_key: SecretStr | None = Field(
-        default_factory=lambda: (
-            SecretStr(os.environ[PSEUDONYM_KEY_ENV]) if os.environ.get(PSEUDONYM_KEY_ENV) else None
-        ),
-        description=f"HMAC key for DICOM PatientID pseudonyms (default: ${PSEUDONYM_KEY_ENV})",
-    )
+    pseudonym_key: PseudonymKey
     split: SplitConfig = SplitConfig()
     decode: DecodeConfig = DecodeConfig()
     parallel_threshold: int = Field(
@@ -72,7 +95,7 @@ class IngestConfig(_Config):
         return self
 
 
-class SynthConfig(_Config):
+class SynthConfig(Config):
     """`covidray synth DEST`."""
 
     dest: str
@@ -81,13 +104,68 @@ class SynthConfig(_Config):
     size: int = Field(256, ge=64, le=1024)
 
 
+class DemoConfig(Config):
+    """`covidray demo`: the main job end to end on the embedded defaults (local Ray, local
+    storage): real X-rays or phantoms → ingest → a short training run → scoring → report."""
+
+    data: str | None = Field(
+        None, description="real data folder (manifest.csv layout); phantoms when absent"
+    )
+    workdir: str = Field("demo-output", description="where everything is written")
+    phantoms_per_class: int = Field(60, ge=1, description="phantoms per class without --data")
+    epochs: int = Field(
+        3,
+        ge=1,
+        description="training epochs of the short demo run (`covidray train` defaults to the "
+        "tuned recipe)",
+    )
+    input_size: int = Field(224, ge=32, le=1024, description="model input size of the short run")
+
+
+class AugmentConfig(Config):
+    """Training augmentation (:func:`covidray.augment.build_augmentation`); ``None`` (or 0 for
+    rotation/shift) switches a transform off."""
+
+    rotation_deg: float = Field(10.0, ge=0, le=180)
+    shift: float = Field(0.1, ge=0, lt=1, description="fraction of width and of height")
+    hflip: bool = Field(True, description="the paper's choice; moves the heart to the wrong side")
+    gamma: tuple[float, float] | None = (0.8, 1.25)
+    contrast: tuple[float, float] | None = (0.8, 1.2)
+    p_intensity: float = Field(0.5, ge=0, le=1)
+    padding_mode: Literal["border", "zeros", "reflection"] = Field(
+        "border",
+        description='pixels moved in by rotation/shift: "border" repeats the edge (Keras\' '
+        'fill_mode="nearest"), "zeros" fills black',
+    )
+
+    @field_validator("gamma", "contrast")
+    @classmethod
+    def _ordered_positive(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError(f"range must satisfy 0 < low <= high, got {v}")
+        return v
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(cls: type[T], path: str | None = None, **overrides: Any) -> T:
-    """Build ``cls`` from an optional YAML file (local or s3://) plus non-None overrides."""
+    """Build ``cls`` from an optional YAML file (local or s3://) plus non-None overrides.
+
+    Overrides may be nested mappings (``split={"seed": 1}``): they merge into the file's."""
     data: dict[str, Any] = {}
     if path:
         loaded = yaml.safe_load(storage.read_text(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
         data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = merge(data, {k: v for k, v in overrides.items() if v is not None})
     return cls.model_validate(data)

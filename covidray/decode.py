@@ -37,7 +37,6 @@ import threading
 import warnings
 import zlib
 from collections.abc import Iterator
-from datetime import date
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,6 @@ __all__ = [
     "DecodeReason",
     "decode_array",
     "decode_image",
-    "dicom_tags",
     "is_dicom",
 ]
 
@@ -132,7 +130,7 @@ if not any(isinstance(f, _DropWhileDecoding) for f in _pydicom_logger.filters):
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Swallow warnings (Pillow's DecompressionBombWarning, bad EXIF, pydicom's value checks)
     and this thread's pydicom log records: odd files are reported through DecodeError only."""
     _inside.depth = getattr(_inside, "depth", 0) + 1
@@ -171,7 +169,7 @@ def decode_array(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; decoding needs False")
     if len(data) == 0:
         raise DecodeError(_R.EMPTY, "no bytes")
-    with _quiet():
+    with quiet():
         if is_dicom(data):
             out = _decode_dicom(data, max_pixels)
         else:
@@ -182,34 +180,6 @@ def decode_array(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode image bytes into a float32 tensor ``1 x H x W`` in [0, 1] (see decode_array)."""
     return torch.from_numpy(decode_array(data, max_pixels=max_pixels))[None]
-
-
-def dicom_tags(data: bytes) -> dict[str, Any]:
-    """Header fields of a DICOM file (pixels are not read).
-
-    Keys: ``patient_id`` (raw PatientID or None), ``view`` (ViewPosition), ``sex`` (PatientSex),
-    ``age`` (float years from PatientAge such as ``045Y``/``006M``), ``study_date``
-    (``YYYY-MM-DD``), ``modality``; each None when absent, empty or unparseable.
-    """
-    if len(data) == 0:
-        raise DecodeError(_R.EMPTY, "no bytes")
-    if not is_dicom(data):
-        raise DecodeError(_R.NOT_AN_IMAGE, "not a DICOM file (no DICM preamble)")
-    with _quiet():
-        ds = _read_dicom(data, stop_before_pixels=True)
-        try:
-            return {
-                "patient_id": _text(ds, "PatientID"),
-                "view": _text(ds, "ViewPosition"),
-                "sex": _text(ds, "PatientSex"),
-                "age": _parse_age(_text(ds, "PatientAge")),
-                "study_date": _parse_date(_text(ds, "StudyDate")),
-                "modality": _text(ds, "Modality"),
-            }
-        except Exception as exc:  # an element that cannot be decoded; never quote its value
-            raise DecodeError(
-                _R.CORRUPT, f"DICOM header element unreadable ({type(exc).__name__})"
-            ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +431,7 @@ def _short(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_dicom(data: bytes, *, stop_before_pixels: bool) -> Any:
+def read_dicom(data: bytes, *, stop_before_pixels: bool) -> Any:
     """pydicom's dataset, or DecodeError. pydicom reads a cut file without complaint (it keeps
     short values and stops at the end), so truncation is looked for explicitly."""
     import struct
@@ -524,7 +494,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 def _decode_dicom_dataset(data: bytes, max_pixels: int) -> np.ndarray:
-    ds = _read_dicom(data, stop_before_pixels=False)
+    ds = read_dicom(data, stop_before_pixels=False)
     if not any(k in ds for k in _PIXEL_DATA_KEYWORDS):
         raise DecodeError(
             _R.NOT_AN_IMAGE, "DICOM file has no pixel data (not an image object, or cut before it)"
@@ -714,36 +684,3 @@ def _clip_to_voi_lut(arr: np.ndarray, ds: Any) -> np.ndarray:
         info = np.iinfo(arr.dtype)
         lo, hi = min(max(lo, info.min), info.max), min(max(hi, info.min), info.max)
     return np.clip(arr, lo, hi)
-
-
-def _text(ds: Any, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-_AGE = re.compile(r"(\d{1,3})\s*([DWMY]?)", re.IGNORECASE)
-_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
-
-
-def _parse_age(text: str | None) -> float | None:
-    """PatientAge ``nnnD|W|M|Y`` (bare digits read as years) -> float years."""
-    match = _AGE.fullmatch(text) if text else None
-    if match is None:
-        return None
-    return int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
-
-
-def _parse_date(text: str | None) -> str | None:
-    """DA ``YYYYMMDD`` (or legacy ``YYYY.MM.DD``) -> ``YYYY-MM-DD``; invalid -> None."""
-    if not text:
-        return None
-    digits = text.replace(".", "").replace("-", "")
-    if len(digits) != 8 or not digits.isdigit():
-        return None
-    try:
-        return date(int(digits[:4]), int(digits[4:6]), int(digits[6:])).isoformat()
-    except ValueError:
-        return None

@@ -8,8 +8,6 @@ nothing is lost without a trace. Large inputs are decoded in parallel Ray tasks.
 from __future__ import annotations
 
 import hashlib
-import hmac
-import io
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,10 +18,22 @@ from PIL import Image
 from pydantic import BaseModel
 
 from . import storage
-from .config import PSEUDONYM_KEY_ENV, IngestConfig
-from .decode import DecodeError, decode_array, dicom_tags, is_dicom
+from .codec import FAST_PNG, encode_png, unit_to_u8
+from .config import PSEUDONYM_KEY_ENV, IngestConfig, secret_bytes
+from .decode import DecodeError, decode_array, is_dicom
+from .dicom_meta import dicom_tags
 from .layouts import Layout, SourceItem, scan
-from .manifest import ERRORS_NAME, MANIFEST_NAME, errors_table, split_by_patient, to_table
+from .manifest import (
+    ERRORS_NAME,
+    MANIFEST_NAME,
+    errors_table,
+    image_path,
+    mask_path,
+    split_by_patient,
+    to_table,
+)
+from .preprocess import resize_shorter_side
+from .pseudonyms import pseudonymize
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +52,6 @@ class IngestResult(BaseModel):
     n_duplicates: int
     counts: dict[str, dict[str, int]]  # label → split → images
     error_reasons: dict[str, int]
-
-
-def pseudonymize(patient_id: str, key: bytes) -> str:
-    """Keyed hash of a patient identifier: stable for one key, irreversible without it."""
-    return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-
-
-def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a float H×W image (Lanczos, in float) so its shorter side is ``size``."""
-    h, w = image.shape
-    if min(h, w) == size:
-        return image
-    scale = size / min(h, w)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image, mode="F").resize(new, Image.Resampling.LANCZOS))
-
-
-def encode_png(image_u8: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image_u8, mode="L").save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
-
-
-def image_path(image_id: str) -> str:
-    """Where a normalized image lives, relative to the dataset folder."""
-    return f"images/{image_id[:2]}/{image_id}.png"
-
-
-def mask_path(image_id: str) -> str:
-    return f"masks/{image_id[:2]}/{image_id}.png"
 
 
 class Rejected(Exception):
@@ -125,8 +101,10 @@ def _ingest_one(
         elif item.from_dicom:
             meta.setdefault("patient_id", f"{meta['source']}:{image_id[:20]}")
         orig_h, orig_w = image.shape
-        stored = to_uint8(resize_shorter_side(image, cfg.size))
-        storage.write_bytes(storage.join(dest, image_path(image_id)), encode_png(stored))
+        stored = unit_to_u8(resize_shorter_side(image, cfg.size))
+        storage.write_bytes(
+            storage.join(dest, image_path(image_id)), encode_png(stored, compress_level=FAST_PNG)
+        )
         row: dict[str, Any] = {
             **meta,
             **item.extras,
@@ -143,11 +121,12 @@ def _ingest_one(
             mask = decode_array(storage.read_bytes(item.mask_uri), max_pixels=cfg.decode.max_pixels)
             if mask.shape != (orig_h, orig_w):
                 raise Rejected("bad_mask", f"mask is {mask.shape[::-1]}, image {(orig_w, orig_h)}")
-            small = Image.fromarray(to_uint8(mask > 0.5), mode="L").resize(
+            small = Image.fromarray(unit_to_u8(mask > 0.5), mode="L").resize(
                 (stored.shape[1], stored.shape[0]), Image.Resampling.NEAREST
             )
             storage.write_bytes(
-                storage.join(dest, mask_path(image_id)), encode_png(np.asarray(small, np.uint8))
+                storage.join(dest, mask_path(image_id)),
+                encode_png(np.asarray(small, np.uint8), compress_level=FAST_PNG),
             )
             row["mask_uri"] = mask_path(image_id)
         return {"row": row}
@@ -176,33 +155,16 @@ def _run_local(items, dest, cfg, key, progress: Progress | None) -> list[dict]:
 
 
 def _run_ray(items, dest, cfg, key, progress: Progress | None) -> list[dict]:
-    import ray
+    from .runtime.cluster import map_chunks
 
-    from .raycluster import ensure_ray, worker_runtime_env
-
-    ensure_ray()
-    task = ray.remote(num_cpus=1, max_retries=2)(ingest_chunk).options(
-        runtime_env=worker_runtime_env()
-    )
     chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
-    pending = {task.remote(chunk, dest, cfg, key): len(chunk) for chunk in chunks}
-    results: dict[Any, list[dict]] = {}
-    order = list(pending)
-    done = 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            results[ref] = ray.get(ref)
-            done += pending.pop(ref)
-            if progress:
-                progress(done, len(items))
-    return [r for ref in order for r in results[ref]]
+    return map_chunks(ingest_chunk, chunks, dest, cfg, key, progress=progress)
 
 
 def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
     """Ingest ``cfg.src`` into ``cfg.dest``; see the module docstring."""
     layout: Layout = scan(cfg.src, cfg.layout, cfg.labels)
-    key = cfg.pseudonym_key.get_secret_value().encode() if cfg.pseudonym_key else None
+    key = secret_bytes(cfg.pseudonym_key)
     if key is None and any(item.from_dicom for item in layout.items):
         raise ValueError(
             f"DICOM patient IDs are stored only as keyed hashes: set {PSEUDONYM_KEY_ENV} "

@@ -32,6 +32,13 @@ def class_index(label: str) -> int:
     return CLASSES.index(label)
 
 
+def check_class(label: str) -> str:
+    """``label`` if it is one of :data:`CLASSES`, else a ValueError listing them."""
+    if label not in CLASSES:
+        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+    return label
+
+
 def normalize_label(label: str | None) -> str | None:
     """Map a label string onto CLASSES; empty means unlabelled (None)."""
     if label is None:

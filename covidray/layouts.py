@@ -19,6 +19,7 @@ from typing import Any
 
 from . import storage
 from .labels import FOLDER_NAMES, normalize_label, normalize_subtype
+from .manifest import CSV_METADATA_COLUMNS, CSV_NAME, CSV_PATH_COLUMNS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUTS = ("class-folders", "manifest", "ieee8023", "kaggle", "dicom")
@@ -157,36 +158,18 @@ def _class_folders(src: str, files: list[str]) -> Layout:
 
 # --- (b) manifest.csv -------------------------------------------------------------------------
 
-_MANIFEST_PATH_COLUMNS = ("image", "path", "file", "filename", "uri")
-_MANIFEST_KNOWN = {
-    "label",
-    "subtype",
-    "patient_id",
-    "view",
-    "age_group",
-    "age",
-    "sex",
-    "study_day",
-    "study_date",
-    "source",
-    "source_repo",
-    "mask",
-    "orig_width",
-    "orig_height",
-}
-
 
 def _manifest_csv(src: str, files: list[str]) -> Layout:
-    manifest_uri = storage.join(src, "manifest.csv")
+    manifest_uri = storage.join(src, CSV_NAME)
     rows = _read_csv(manifest_uri)
     if not rows:
         raise LayoutError(f"{manifest_uri} has no rows")
     columns = list(rows[0].keys())
-    path_col = next((c for c in _MANIFEST_PATH_COLUMNS if c in columns), None)
+    path_col = next((c for c in CSV_PATH_COLUMNS if c in columns), None)
     if path_col is None:
-        raise LayoutError(f"{manifest_uri}: needs one of the columns {_MANIFEST_PATH_COLUMNS}")
+        raise LayoutError(f"{manifest_uri}: needs one of the columns {CSV_PATH_COLUMNS}")
     extra_columns = [
-        c for c in columns if c != path_col and c not in _MANIFEST_KNOWN and c != "split"
+        c for c in columns if c != path_col and c not in CSV_METADATA_COLUMNS and c != "split"
     ]
     if "split" in columns:
         extra_columns.append("source_split")

@@ -56,6 +56,40 @@ ERRORS_SCHEMA = pa.schema(
 MANIFEST_NAME = "manifest.parquet"
 ERRORS_NAME = "errors.parquet"
 
+# manifest.csv: the labelled-folder input layout (``../shared/data/cxr``, the phantoms) that
+# synth writes and the ingest layout reads. The file column comes first; readers also accept
+# the other names in CSV_PATH_COLUMNS for it. Unknown columns are kept as extras.
+CSV_NAME = "manifest.csv"
+CSV_COLUMNS: tuple[str, ...] = (
+    "image",
+    "label",
+    "subtype",
+    "patient_id",
+    "view",
+    "age_group",
+    "age",
+    "sex",
+    "study_day",
+    "study_date",
+    "source",
+    "source_repo",
+    "mask",
+    "orig_width",
+    "orig_height",
+)
+CSV_PATH_COLUMNS: tuple[str, ...] = ("image", "path", "file", "filename", "uri")
+CSV_METADATA_COLUMNS: frozenset[str] = frozenset(CSV_COLUMNS[1:])
+
+
+def image_path(image_id: str) -> str:
+    """Where a normalized image lives, relative to the dataset folder."""
+    return f"images/{image_id[:2]}/{image_id}.png"
+
+
+def mask_path(image_id: str) -> str:
+    """Where a normalized lesion mask lives, relative to the dataset folder."""
+    return f"masks/{image_id[:2]}/{image_id}.png"
+
 
 def to_table(rows: Sequence[Mapping[str, Any]], extra_columns: Iterable[str] = ()) -> pa.Table:
     """Rows (dicts) → a manifest table: core columns typed, extra columns as strings."""

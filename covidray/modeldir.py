@@ -1,16 +1,23 @@
-"""The model directory: what training writes and serving/evaluation load (local or s3://).
+"""Model directories: what training writes and serving, evaluation and generation load
+(local or s3://). Weights are safetensors (no pickle); a JSON card describes them.
 
-Layout::
+A classifier::
 
-    <uri>/weights.safetensors   CxrClassifier state dict (safetensors: no pickle)
+    <uri>/weights.safetensors   CxrClassifier state dict
     <uri>/model_card.json       ModelCard: architecture, preprocessing, metrics, provenance
     <uri>/metrics.json          evaluation reports (EvalReport.to_json) per split
     <uri>/confusion.png         confusion matrix of the test split (val when there is none)
     <uri>/per_class.md          per-class and subgroup tables per split
 
-``model_version`` is the first 12 hex digits of the weights file's sha256; loading verifies the
-full digest, so a changed or corrupted weights file is refused with :class:`ModelLoadError`.
-The card is written last: a directory with a card is complete.
+A CycleGAN generator::
+
+    <uri>/generator.safetensors ResnetGenerator state dict
+    <uri>/generator.json        GeneratorCard: architecture, domains, resolution, provenance
+
+The version (``model_version``, ``generator_version``) is the first 12 hex digits of the
+weights file's sha256; loading verifies the full digest, so a changed or corrupted weights
+file is refused with :class:`ModelLoadError`. The card is written last: a directory with a
+card is complete.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from .labels import CLASSES
 if TYPE_CHECKING:
     import torch
 
-    from .metrics import EvalReport
+    from .evaluation.metrics import EvalReport
+    from .gan.networks import ResnetGenerator
     from .models import CxrClassifier
 
 WEIGHTS_NAME = "weights.safetensors"
@@ -40,6 +48,8 @@ METRICS_NAME = "metrics.json"
 CONFUSION_NAME = "confusion.png"
 PER_CLASS_NAME = "per_class.md"
 CARD_SCHEMA_VERSION = 1
+GENERATOR_WEIGHTS = "generator.safetensors"
+GENERATOR_CARD = "generator.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -124,6 +134,28 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
     return save(state, metadata={"format": "pt"})
 
 
+def _versioned(data: bytes) -> dict[str, str]:
+    digest = hashlib.sha256(data).hexdigest()
+    return {"weights_sha256": digest, "version": digest[:12]}
+
+
+def _read_verified(uri: str, name: str, sha256: str) -> bytes:
+    """The bytes of ``<uri>/<name>``, which must have the card's ``sha256``."""
+    path = storage.join(uri, name)
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"model directory {uri} has no {name}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ModelLoadError(
+            f"{path} does not match its model card: sha256 {digest[:12]}… but the card expects "
+            f"{sha256[:12]}…. The weights file is corrupted, truncated or was replaced; "
+            "re-copy the whole directory."
+        )
+    return data
+
+
 def save_model_dir(
     model: torch.nn.Module,
     card: ModelCard,
@@ -136,19 +168,20 @@ def save_model_dir(
     else val) and the card's ``metrics``.
     """
     data = weights_bytes(model)
-    digest = hashlib.sha256(data).hexdigest()
+    v = _versioned(data)
+    digest = v["weights_sha256"]
     metrics = dict(card.metrics)
     reports = reports or {}
     metrics.update({split: r.to_json() for split, r in reports.items()})
     card = card.model_copy(
-        update={"model_version": digest[:12], "weights_sha256": digest, "metrics": metrics}
+        update={"model_version": v["version"], "weights_sha256": digest, "metrics": metrics}
     )
     ModelCard.model_validate(card.model_dump())  # fail before writing anything
     storage.makedirs(uri)
     storage.write_bytes(storage.join(uri, WEIGHTS_NAME), data)
     storage.write_text(storage.join(uri, METRICS_NAME), json.dumps(metrics, indent=2) + "\n")
     if reports:
-        from .evaluation import confusion_png, per_class_table_markdown
+        from .evaluation.artifacts import confusion_png, per_class_table_markdown
 
         main = "test" if "test" in reports else next(iter(reports))
         buf = io.BytesIO()
@@ -189,18 +222,12 @@ def load_model_dir(
 
     card = read_card(uri)
     path = storage.join(uri, WEIGHTS_NAME)
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise ModelLoadError(f"model directory {uri} has no {WEIGHTS_NAME}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != card.weights_sha256 or digest[:12] != card.model_version:
+    if card.weights_sha256[:12] != card.model_version:
         raise ModelLoadError(
-            f"{path} does not match its model card: sha256 {digest[:12]}… but the card "
-            f"(model_version {card.model_version}) expects {card.weights_sha256[:12]}…. The "
-            "weights file is corrupted, truncated or was replaced; re-copy the whole model "
-            "directory."
+            f"{path} does not match its model card: model_version {card.model_version} is not "
+            f"the card's sha256 {card.weights_sha256[:12]}…"
         )
+    data = _read_verified(uri, WEIGHTS_NAME, card.weights_sha256)
     try:
         state = load(data)
     except Exception as e:  # safetensors' own error types
@@ -214,3 +241,60 @@ def load_model_dir(
     if device is not None:
         model.to(device)
     return model, card
+
+
+class GeneratorCard(BaseModel):
+    """What a saved CycleGAN generator is: architecture, domains, resolution, provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generator_version: str = ""  # first 12 hex of sha256(generator.safetensors)
+    weights_sha256: str = ""
+    architecture: dict[str, Any]  # ResnetGenerator keyword arguments
+    size: int  # square resolution the generator was trained at
+    domain_a: str
+    domain_b: str
+    filter_a: dict[str, Any]
+    filter_b: dict[str, Any]
+    config: dict[str, Any] = Field(default_factory=dict)  # the GanConfig of the run
+    training: dict[str, Any] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    code_version: str = ""
+
+
+def save_generator(generator: torch.nn.Module, card: GeneratorCard, uri: str) -> GeneratorCard:
+    """Write weights then card (a folder with a card is complete); returns the saved card."""
+    data = weights_bytes(generator)
+    v = _versioned(data)
+    card = card.model_copy(
+        update={
+            "generator_version": v["version"],
+            "weights_sha256": v["weights_sha256"],
+            "code_version": card.code_version or code_version(),
+        }
+    )
+    storage.makedirs(uri)
+    storage.write_bytes(storage.join(uri, GENERATOR_WEIGHTS), data)
+    storage.write_text(storage.join(uri, GENERATOR_CARD), card.model_dump_json(indent=2) + "\n")
+    return card
+
+
+def load_generator(
+    uri: str, device: torch.device | str = "cpu"
+) -> tuple[ResnetGenerator, GeneratorCard]:
+    """Load a saved generator (eval mode); the weights must match the card's sha256."""
+    from safetensors.torch import load
+
+    from .gan.networks import ResnetGenerator
+
+    path = storage.join(uri, GENERATOR_CARD)
+    try:
+        card = GeneratorCard.model_validate_json(storage.read_text(path))
+    except FileNotFoundError:
+        raise ModelLoadError(f"not a generator directory: {path} does not exist") from None
+    except ValidationError as e:
+        raise ModelLoadError(f"{path} is not a valid generator card: {e}") from None
+    data = _read_verified(uri, GENERATOR_WEIGHTS, card.weights_sha256)
+    generator = ResnetGenerator(**card.architecture)
+    generator.load_state_dict(load(data))
+    return generator.to(device).eval(), card

@@ -9,18 +9,17 @@ holds one model on one device and turns a batch of decoded images into a
 Device settings are chosen at run time: CUDA when present, with autocast (bfloat16 where
 supported, else float16); channels_last memory format on every device (oneDNN and cuDNN both
 run EfficientNet/ResNet convolutions faster in NHWC); BatchNorm folded into the convolutions
-(EfficientNet-B0 on this CPU: +39% throughput, logits equal to ~1e-8); torch threads set
+(logits equal to ~1e-8; the README's benchmarks give the speed-up); torch threads set
 explicitly (default: the physical cores available to this process). On shared CPUs start the
-process with ``OMP_WAIT_POLICY=PASSIVE``: spinning OpenMP threads made 2-thread inference up to
-80x slower under load here (the scoring job sets it for its actors). Nothing here knows about
-Ray or HTTP.
+process with ``OMP_WAIT_POLICY=PASSIVE``: spinning OpenMP threads slow multi-threaded
+inference down many times under load (the scoring job sets it for its actors).
+
+:func:`predict_probs` is the plain batched softmax (with flip TTA) that training's validation
+uses on its decode-once uint8 cache. Nothing here knows about Ray or HTTP.
 """
 
 from __future__ import annotations
 
-import io
-import math
-import os
 from collections.abc import Iterator, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -28,49 +27,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from torch import nn
 
-from .explain import GradCAM, cam_summary, normalize_cam, to_uint8
+from .codec import u8_to_unit_tensor, unit_to_u8_tensor
+from .explain import GradCAM, cam_summary, normalize_cam
 from .modeldir import ModelCard, load_model_dir
 from .preprocess import to_model_input
+from .runtime.threads import physical_cores
 
 __all__ = [
     "BatchPrediction",
     "Prediction",
     "Predictor",
-    "decode_cam_png",
     "default_device",
-    "encode_cam_png",
-    "physical_cores",
+    "predict_probs",
 ]
 
 ImageBatch = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (affinity, SMT siblings and cgroup quota)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = list(range(os.cpu_count() or 1))
-    cores: set[tuple[str, str]] = set()
-    for cpu in cpus:
-        topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
-        try:
-            with open(f"{topo}/physical_package_id") as f, open(f"{topo}/core_id") as g:
-                cores.add((f.read().strip(), g.read().strip()))
-        except OSError:
-            cores = set()
-            break
-    n = len(cores) or len(cpus)
-    try:  # cgroup v2 CPU quota ("max 100000" when unlimited)
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def fold_batchnorm(model: torch.nn.Module) -> int:
@@ -105,19 +78,6 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def encode_cam_png(cam_u8: np.ndarray) -> bytes:
-    """An 8-bit ``h×w`` map as a small grayscale PNG (a 7×7 map takes about 80 bytes)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(cam_u8, dtype=np.uint8), mode="L").save(buf, "PNG")
-    return buf.getvalue()
-
-
-def decode_cam_png(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_cam_png`: ``h×w`` uint8."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -373,7 +333,7 @@ class Predictor:
             probs,
             pred,
             res.class_idx,
-            cam_raw=to_uint8(maps).cpu().numpy(),
+            cam_raw=unit_to_u8_tensor(maps).cpu().numpy(),
             **{f"cam_{k}": v.float().cpu().numpy() for k, v in summary.items()},
         )
 
@@ -397,3 +357,39 @@ class Predictor:
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    images_u8: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    tta_hflip: bool = False,
+    device: torch.device | str | None = None,
+    autocast: bool = False,
+) -> np.ndarray:
+    """Softmax probabilities ``(N, C)`` for cached uint8 images, model in eval mode.
+
+    With ``tta_hflip`` the probabilities of each image and its mirror image are averaged.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(images_u8), batch_size):
+            x = u8_to_unit_tensor(
+                images_u8[start : start + batch_size].to(device, non_blocking=True)
+            )
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                p = model(x).float().softmax(-1)
+                if tta_hflip:
+                    p = 0.5 * (p + model(x.flip(-1)).float().softmax(-1))
+            out.append(p.cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy()

@@ -22,7 +22,26 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-AWS_ENV_PREFIXES = ("AWS_",)
+# AWS settings that say where and how to connect, never who: forwarded to Ray workers in
+# their runtime env (which Ray's dashboard and state API show). Keys and session tokens are
+# not forwarded: workers find credentials themselves (their environment, the instance or pod
+# identity, a mounted credentials file).
+AWS_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_STS_REGIONAL_ENDPOINTS",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_RETRY_MODE",
+    "AWS_MAX_ATTEMPTS",
+)
 
 
 def scheme(uri: str) -> str:
@@ -43,9 +62,9 @@ def is_remote(uri: str) -> bool:
     return scheme(uri) != "file"
 
 
-def aws_env() -> dict[str, str]:
-    """AWS settings of this process, to forward to Ray workers on other processes."""
-    return {k: v for k, v in os.environ.items() if k.startswith(AWS_ENV_PREFIXES)}
+def aws_settings() -> dict[str, str]:
+    """This process's non-secret AWS settings (:data:`AWS_SETTINGS`), to forward to workers."""
+    return {k: os.environ[k] for k in AWS_SETTINGS if os.environ.get(k)}
 
 
 def _s3_options() -> dict:
@@ -74,7 +93,8 @@ def _s3_filesystem(settings: tuple[tuple[str, str], ...]) -> fsspec.AbstractFile
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(fs, path)`` for ``uri``; ``path`` is what ``fs`` expects (no scheme)."""
     if scheme(uri) == "s3":
-        return _s3_filesystem(tuple(sorted(aws_env().items()))), uri.split("://", 1)[1].rstrip("/")
+        settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        return _s3_filesystem(settings), uri.split("://", 1)[1].rstrip("/")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
 

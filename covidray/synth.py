@@ -48,24 +48,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
 
 from . import storage
+from .codec import encode_png
+from .manifest import CSV_COLUMNS, CSV_NAME
 
 KINDS: tuple[str, ...] = ("covid", "bacterial", "viral", "normal")
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "image",
-    "label",
-    "subtype",
-    "patient_id",
-    "view",
-    "age_group",
-    "age",
-    "sex",
-    "study_day",
-    "source_repo",
-    "mask",
-)
 SOURCE_REPO = "covidray/synth"
 MASK_THRESHOLD = 0.2  # share of the lesion's peak opacity that counts as lesion
 AP_SHARE = 0.2  # share of studies taken AP rather than PA (independent of the class)
@@ -614,12 +602,6 @@ def _plan(n_per_class: int, seed: int) -> list[_Study]:
     return studies
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode="L").save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
 def write_phantoms(
     dest: str,
     n_per_class: int,
@@ -644,34 +626,34 @@ def write_phantoms(
         storage.makedirs(storage.join(dest, "images", label))
         storage.makedirs(storage.join(dest, "masks", label))
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
     for k, st in enumerate(studies, start=1):
         image, mask, _ = _render(
             _KIND_OF_SUBTYPE[st.subtype], st.seeds, size, extent=st.extent, view=st.view
         )
         image_rel = f"images/{st.label}/{st.name}.png"
         mask_rel = f"masks/{st.label}/{st.name}_mask.png"
-        storage.write_bytes(storage.join(dest, *image_rel.split("/")), _png(image))
-        mask_png = _png(np.where(mask, 255, 0).astype(np.uint8))
+        storage.write_bytes(storage.join(dest, *image_rel.split("/")), encode_png(image))
+        mask_png = encode_png(np.where(mask, 255, 0).astype(np.uint8))
         storage.write_bytes(storage.join(dest, *mask_rel.split("/")), mask_png)
         writer.writerow(
-            [
-                image_rel,
-                st.label,
-                st.subtype,
-                st.patient_id,
-                st.view,
-                "adult",
-                st.age,
-                st.sex,
-                "" if st.study_day is None else st.study_day,
-                SOURCE_REPO,
-                mask_rel,
-            ]
+            {
+                "image": image_rel,
+                "label": st.label,
+                "subtype": st.subtype,
+                "patient_id": st.patient_id,
+                "view": st.view,
+                "age_group": "adult",
+                "age": st.age,
+                "sex": st.sex,
+                "study_day": "" if st.study_day is None else st.study_day,
+                "source_repo": SOURCE_REPO,
+                "mask": mask_rel,
+            }
         )
         if progress is not None:
             progress(k)
-    manifest = storage.join(dest, "manifest.csv")
+    manifest = storage.join(dest, CSV_NAME)
     storage.write_text(manifest, buf.getvalue())
     return manifest

@@ -62,7 +62,7 @@ def ray_cluster(s3_server):
     that read through Ray Data still leave CPUs for the reads."""
     import ray
 
-    from covidray.raycluster import ensure_ray
+    from covidray.runtime.cluster import ensure_ray
 
     ensure_ray(num_cpus=4, log_to_driver=False)
     yield ray

@@ -25,7 +25,7 @@ from PIL import Image
 H, W = 48, 64
 DICOM_PATIENT_ID = "PAT-12345"
 DICOM_PATIENT_NAME = "Doe^Jane"
-# What covidray.decode.dicom_tags must return for the DICOMs built here (unless noted).
+# What covidray.dicom_meta.dicom_tags must return for the DICOMs built here (unless noted).
 DICOM_TAGS = {
     "patient_id": DICOM_PATIENT_ID,
     "view": "PA",

@@ -35,9 +35,9 @@ from covidray.decode import (  # noqa: E402
     DecodeReason,
     decode_array,
     decode_image,
-    dicom_tags,
     is_dicom,
 )
+from covidray.dicom_meta import dicom_tags  # noqa: E402
 
 SEEDS = (0, 1)
 CORPUS = {seed: make_odd_files(seed) for seed in SEEDS}

@@ -13,16 +13,16 @@ import torch
 
 from covidray import storage
 from covidray.config import IngestConfig
+from covidray.dataset import load_rows
 from covidray.gan.config import DomainFilter, GanConfig
 from covidray.gan.data import UnpairedSampler, domain_rows, steps_per_epoch
 from covidray.gan.losses import ImagePool
+from covidray.gan.model import linear_decay
 from covidray.gan.networks import PatchDiscriminator, ResnetGenerator, receptive_field
 from covidray.gan.quality import frechet_distance, pca_project, sqrtm_psd
-from covidray.gan.train import linear_decay
 from covidray.ingest import ingest
 from covidray.manifest import read_manifest
 from covidray.synth import write_phantoms
-from covidray.train.data import load_rows
 
 # ----------------------------------------------------------------------------- networks
 
@@ -157,8 +157,8 @@ TINY_YAML = "ngf: 8\nn_blocks: 2\nndf: 8\nsize: 64\npool_size: 3\ntorch_threads:
 
 def test_gan_trains_resumes_and_generates(ray_cluster, phantom_raw, s3_bucket, tmp_path, capsys):
     from covidray.cli import main
-    from covidray.gan.networks import load_generator
     from covidray.gan.train import run_gan_training
+    from covidray.modeldir import load_generator
 
     data = f"{s3_bucket}/ds"
     ingest(IngestConfig(src=phantom_raw, dest=data, size=64))

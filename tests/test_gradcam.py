@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from covidray.codec import unit_to_u8_tensor
 from covidray.explain import (
     CamResult,
     GradCAM,
@@ -18,7 +19,6 @@ from covidray.explain import (
     colormap_lut,
     normalize_cam,
     overlay,
-    to_uint8,
 )
 from covidray.models import BACKBONES, CxrClassifier, build_model
 from covidray.synth import render_phantom
@@ -303,8 +303,8 @@ def test_cam_summary_on_hand_made_maps() -> None:
 
 def test_to_uint8_and_overlay() -> None:
     cam = torch.tensor([[0.0, 0.5], [1.0, 1.2]])
-    assert to_uint8(cam).tolist() == [[0, 128], [255, 255]]
-    assert to_uint8(cam).dtype == torch.uint8
+    assert unit_to_u8_tensor(cam).tolist() == [[0, 128], [255, 255]]
+    assert unit_to_u8_tensor(cam).dtype == torch.uint8
     image = np.full((8, 8), 100, dtype=np.uint8)
     heat = np.zeros((8, 8), dtype=np.float32)
     heat[2, 3] = 1.0

@@ -16,10 +16,12 @@ from PIL import Image
 
 from covidray import storage
 from covidray.cli import main
+from covidray.codec import unit_to_u8
 from covidray.config import IngestConfig
 from covidray.decode import decode_array
-from covidray.ingest import ingest, resize_shorter_side, to_uint8
+from covidray.ingest import ingest
 from covidray.manifest import read_manifest
+from covidray.preprocess import resize_shorter_side
 from covidray.synth import write_phantoms
 
 EXPECTED = {"covid": 154, "pneumonia": 271, "normal": 280}
@@ -119,7 +121,7 @@ def test_ingest_real_images_with_odd_files_from_s3(
             continue
         row = by_name[f.name]
         stored = np.asarray(Image.open(storage.join(dest, row.uri)))
-        expected = to_uint8(resize_shorter_side(f.reference.astype(np.float32), 256))
+        expected = unit_to_u8(resize_shorter_side(f.reference.astype(np.float32), 256))
         assert stored.shape == expected.shape, f.name
         assert np.abs(stored.astype(int) - expected.astype(int)).max() <= 1, f.name
 

@@ -12,14 +12,15 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from covidray.evaluation import confusion_png, per_class_table_markdown, render_text
-from covidray.labels import CLASSES
-from covidray.metrics import (
+from covidray.cli.render import render_text
+from covidray.evaluation.artifacts import confusion_png, per_class_table_markdown
+from covidray.evaluation.metrics import (
     EvalReport,
     confusion_matrix,
     evaluate_predictions,
     expected_calibration_error,
 )
+from covidray.labels import CLASSES
 
 COVID, PNEUMONIA, NORMAL = 0, 1, 2
 assert CLASSES == ("covid", "pneumonia", "normal")

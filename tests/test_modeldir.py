@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from covidray import storage
-from covidray.metrics import evaluate_predictions
+from covidray.evaluation.metrics import evaluate_predictions
 from covidray.modeldir import (
     CARD_NAME,
     WEIGHTS_NAME,

@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from covidray.codec import decode_png_u8, encode_png
 from covidray.labels import CLASSES
 from covidray.modeldir import ModelCard, save_model_dir
 from covidray.models import build_model
-from covidray.predict import (
-    BatchPrediction,
-    Predictor,
-    decode_cam_png,
-    encode_cam_png,
-    fold_batchnorm,
-    physical_cores,
-)
+from covidray.predict import BatchPrediction, Predictor, fold_batchnorm
+from covidray.runtime.threads import physical_cores
 
 SIZE = 64
 
@@ -166,9 +161,9 @@ def test_batchnorm_folding_keeps_results_and_the_callers_model() -> None:
 
 def test_cam_png_roundtrip_and_threads(predictor: Predictor) -> None:
     cam = predictor.predict(images(1)).cam_raw[0]
-    png = encode_cam_png(cam)
+    png = encode_png(cam)
     assert png.startswith(b"\x89PNG") and len(png) < 200
-    np.testing.assert_array_equal(decode_cam_png(png), cam)
+    np.testing.assert_array_equal(decode_png_u8(png), cam)
     assert predictor.threads == 1 and torch.get_num_threads() == 1
     assert 1 <= physical_cores() <= (torch.multiprocessing.cpu_count() or 1)
     torch.set_num_threads(physical_cores())

@@ -21,6 +21,7 @@ from PIL import Image
 
 from covidray import storage
 from covidray.cli import main
+from covidray.codec import encode_png
 from covidray.config import IngestConfig
 from covidray.decode import decode_image
 from covidray.ingest import ingest
@@ -28,7 +29,7 @@ from covidray.labels import CLASSES
 from covidray.manifest import manifest_base, read_manifest
 from covidray.modeldir import ModelCard, save_model_dir
 from covidray.models import build_model
-from covidray.predict import Predictor, encode_cam_png
+from covidray.predict import Predictor
 from covidray.report import ReportConfig, build_report
 from covidray.score.results import to_table, write_part
 from covidray.synth import write_phantoms
@@ -122,7 +123,7 @@ def write_scores(rows: pd.DataFrame, model_dir: str, out: str) -> str:
         cam_peak_y=res.cam_peak_y,
         cam_peak_x=res.cam_peak_x,
         cam_border_energy=res.cam_border_energy,
-        cam_png=[encode_cam_png(m) for m in res.cam_raw],
+        cam_png=[encode_png(m) for m in res.cam_raw],
         scored_at=[datetime.now(UTC)] * n,
     )
     write_part(to_table(cols), out, "2026-01-01", p.model_version)

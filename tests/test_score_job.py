@@ -24,13 +24,14 @@ import torch
 from PIL import Image
 
 from covidray import storage
+from covidray.codec import decode_png_u8
 from covidray.config import IngestConfig
-from covidray.ingest import ingest, pseudonymize
+from covidray.ingest import ingest
 from covidray.labels import CLASSES
 from covidray.manifest import read_manifest
 from covidray.modeldir import ModelCard, save_model_dir
 from covidray.models import build_model
-from covidray.predict import decode_cam_png
+from covidray.pseudonyms import pseudonymize
 from covidray.score import ScoreConfig, read_predictions, run_score
 from covidray.score.results import fresh_listing, list_files
 from covidray.synth import write_phantoms
@@ -95,21 +96,14 @@ def dataset_s3(s3_server, tmp_path_factory) -> str:
 
 def test_config_from_yaml_and_flags(tmp_path: Path, monkeypatch) -> None:
     from covidray.cli import build_parser
-    from covidray.config import load_config
+    from covidray.cli.flags import config_from_args
 
     monkeypatch.setenv("COVIDRAY_PSEUDONYM_KEY", "s3cr3t-42")
     path = tmp_path / "score.yaml"
     path.write_text("model: s3://m/model\nbatch_size: 64\noverlays: true\n")
     args = build_parser().parse_args(["score", "--data", "d", "--out", "o", "--workers", "3"])
-    c = load_config(
-        ScoreConfig,
-        str(path),
-        data=args.data,
-        out=args.out,
-        workers=args.workers,
-        overlays=args.overlays,
-        batch_size=args.batch_size,
-    )
+    args.config = str(path)
+    c = config_from_args(ScoreConfig, args)
     assert (c.model, c.data, c.workers, c.batch_size, c.overlays) == (
         "s3://m/model",
         "d",
@@ -121,15 +115,18 @@ def test_config_from_yaml_and_flags(tmp_path: Path, monkeypatch) -> None:
     assert "s3cr3t" not in repr(c) and "s3cr3t" not in c.model_dump_json()
     with pytest.raises(ValueError, match="extra"):
         ScoreConfig(model="m", data="d", out="o", batchsize=3)
+    from covidray.report.config import ReportConfig
+
     report = build_parser().parse_args(["report", "--scores", "s", "--out", "r.html"])
-    assert (report.scores, report.out, report.data) == ("s", "r.html", None)
+    r = config_from_args(ReportConfig, report)
+    assert (r.scores, r.out, r.data) == ("s", "r.html", None)
 
 
 # ------------------------------------------------------------------------------- incremental
 
 
 def test_actor_plan_defaults() -> None:
-    from covidray.score.pipeline import plan_actors
+    from covidray.score.job import plan_actors
 
     base = ScoreConfig(model="m", data="d", out="o")
     cpu = {"CPU": 4.0}
@@ -172,7 +169,7 @@ def test_incremental_runs_and_new_model_version(dataset_s3: str, s3_bucket: str)
     assert (t["label"] == [CLASSES[i] for i in probs.argmax(axis=1)]).all()
     for col in ("cam_area", "cam_peak_y", "cam_peak_x", "cam_border_energy"):
         assert t[col].between(0, 1).all(), col
-    assert all(decode_cam_png(b).shape == (2, 2) for b in t["cam_png"])
+    assert all(decode_png_u8(b).shape == (2, 2) for b in t["cam_png"])
     assert (t["run_date"] == r1.run_date).all()
     # Manifest metadata carried over; uri is where the (stored) image is.
     m = manifest.loc[t["image_id"]]

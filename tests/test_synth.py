@@ -14,7 +14,8 @@ from PIL import Image
 
 from covidray import synth
 from covidray.labels import CLASSES
-from covidray.synth import KINDS, MANIFEST_COLUMNS, render_phantom, write_phantoms
+from covidray.manifest import CSV_COLUMNS
+from covidray.synth import KINDS, render_phantom, write_phantoms
 
 LESION_KINDS = ("covid", "bacterial", "viral")
 
@@ -140,7 +141,7 @@ def test_render_speed():
 def _read_manifest(path: str) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames or ()) == MANIFEST_COLUMNS
+        assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
         return list(reader)
 
 
@@ -250,5 +251,5 @@ def test_manifest_is_csv_text(tmp_path):
     manifest = write_phantoms(str(tmp_path / "m"), n_per_class=2, seed=1, size=64)
     text = open(manifest).read()
     rows = list(csv.reader(io.StringIO(text)))
-    assert rows[0] == list(MANIFEST_COLUMNS)
+    assert rows[0] == list(CSV_COLUMNS)
     assert len(rows) == 7

@@ -18,17 +18,12 @@ import pytest
 from covidray import storage
 from covidray.augment import AugmentConfig
 from covidray.config import IngestConfig, load_config
+from covidray.dataset import load_rows, shard_indices, training_data_hash
 from covidray.ingest import ingest
 from covidray.manifest import read_manifest, to_table
 from covidray.synth import write_phantoms
 from covidray.train.config import TrainConfig
-from covidray.train.data import (
-    EpochSampler,
-    load_rows,
-    sample_weights,
-    shard_indices,
-    training_data_hash,
-)
+from covidray.train.data import EpochSampler, sample_weights
 from covidray.train.loop import build_training, lr_lambda, train_one_epoch
 
 TINY = {
@@ -200,7 +195,7 @@ def test_checkpoint_dir_private_per_process(s3_bucket, tmp_path):
 
     from ray.train import Checkpoint
 
-    from covidray.raycluster import checkpoint_dir
+    from covidray.runtime.train import checkpoint_dir
 
     payload = os.urandom(1 << 20)
     storage.write_bytes(f"{s3_bucket}/ckpt/state.pt", payload)
@@ -244,7 +239,7 @@ def killed_run(ray_cluster, s3_server, phantom_raw, tmp_path_factory) -> dict:
     """
     import boto3
 
-    import covidray.train
+    import covidray.train.trainer
     from covidray.cli import main
 
     bucket = f"s3://train-killed-{uuid.uuid4().hex[:8]}"
@@ -260,18 +255,22 @@ def killed_run(ray_cluster, s3_server, phantom_raw, tmp_path_factory) -> dict:
     argv += ["--workers", "2", "--input-size", "64", "--batch-size", "4", "--seed", "3"]
     argv += ["--config", str(yaml_path)]
 
-    real_run_training = covidray.train.run_training
+    real_run_training = covidray.train.trainer.run_training
     runs: list[tuple[TrainConfig, object]] = []
     seen: list[dict] = []
 
-    def with_fault_drill(cfg: TrainConfig):
-        result = real_run_training(cfg, on_epoch=seen.append, step_hook=_kill_once(marker))
+    def with_fault_drill(cfg: TrainConfig, on_epoch=None):
+        def both(metrics: dict) -> None:
+            seen.append(metrics)
+            on_epoch(metrics)  # the CLI's epoch lines
+
+        result = real_run_training(cfg, on_epoch=both, step_hook=_kill_once(marker))
         runs.append((cfg, result))
         return result
 
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        mp.setattr(covidray.train, "run_training", with_fault_drill)
+        mp.setattr(covidray.train.trainer, "run_training", with_fault_drill)
         rc = main(argv)
     assert rc == 0, stdout.getvalue()[-3000:]
     ((cfg, result),) = runs
@@ -290,8 +289,8 @@ def killed_run(ray_cluster, s3_server, phantom_raw, tmp_path_factory) -> dict:
 
 def test_two_worker_training_and_model_dir(killed_run, capsys):
     from covidray.cli import main
+    from covidray.evaluation.evaluate import evaluate_model
     from covidray.modeldir import load_model_dir
-    from covidray.train.evaluate import evaluate_model
 
     data, out, summary = killed_run["data"], killed_run["out"], killed_run["summary"]
     cfg = killed_run["cfg"]  # the CLI flags and the YAML file made it into the config

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .gradcam import CamResult, GradCAM, normalize_cam
-from .stats import border_mask, cam_summary, colormap_lut, overlay, to_uint8
+from .stats import border_mask, cam_summary, colormap_lut, overlay
 
 __all__ = [
     "CamResult",
@@ -13,5 +13,4 @@ __all__ = [
     "colormap_lut",
     "normalize_cam",
     "overlay",
-    "to_uint8",
 ]

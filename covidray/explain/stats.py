@@ -5,7 +5,6 @@
   in the image border. Markers, text labels and collimation edges live in the border, so a
   map whose mass sits there flags a likely shortcut (DeGrave et al. 2021, "AI for radiographic
   COVID-19 detection selects shortcuts over signal").
-* :func:`to_uint8`: compact storage of maps (4x smaller than float32).
 * :func:`overlay`: a map blended over its grayscale image with a jet (or any matplotlib)
   colormap, as an RGB uint8 array.
 """
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["border_mask", "cam_summary", "colormap_lut", "overlay", "to_uint8"]
+__all__ = ["border_mask", "cam_summary", "colormap_lut", "overlay"]
 
 
 def _batched(cam: Tensor) -> Tensor:
@@ -77,11 +76,6 @@ def cam_summary(cam: Tensor, threshold: float = 0.5, border: float = 0.10) -> di
         "peak_x": peak_x,
         "border_energy": border_energy,
     }
-
-
-def to_uint8(cam: Tensor) -> Tensor:
-    """Maps in [0, 1] -> uint8 (0..255, rounded; values outside [0, 1] are clipped)."""
-    return (cam.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
 
 def _jet_numpy(n: int = 256) -> np.ndarray:

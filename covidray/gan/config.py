@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from ..config import _Config
-from ..labels import CLASSES
+from ..config import Config
+from ..labels import check_class
 
 
-class DomainFilter(_Config):
+class DomainFilter(Config):
     """Which manifest rows of a class form a GAN domain: each field lists accepted values.
 
     ``None`` accepts any value (also a missing one). Comparison is case-insensitive.
@@ -52,7 +52,7 @@ class DomainFilter(_Config):
         return keep
 
 
-class GanConfig(_Config):
+class GanConfig(Config):
     """One CycleGAN training run (domain A → domain B, TRAIN split only)."""
 
     data: str = Field(description="dataset folder or manifest.parquet (local or s3://)")
@@ -101,12 +101,7 @@ class GanConfig(_Config):
     run_name: str | None = Field(None, description="reuse with the same out to resume the run")
     seed: int = 0
 
-    @field_validator("domain_a", "domain_b")
-    @classmethod
-    def _known_label(cls, v: str) -> str:
-        if v not in CLASSES:
-            raise ValueError(f"unknown class {v!r}; expected one of {CLASSES}")
-        return v
+    _known_label = field_validator("domain_a", "domain_b")(check_class)
 
     @model_validator(mode="after")
     def _check(self) -> GanConfig:
@@ -117,7 +112,7 @@ class GanConfig(_Config):
         return self
 
 
-class GenerateConfig(_Config):
+class GenerateConfig(Config):
     """`covidray gan generate`: translate TRAIN-split domain-A images with a saved generator."""
 
     model: str = Field(description="folder with generator.safetensors and generator.json")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..train.data import load_images, load_rows, shard_indices
+from ..dataset import load_images, load_rows, shard_indices
 from .config import DomainFilter
 
 

@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 
 from .. import storage
+from ..codec import FAST_PNG, encode_png, unit_to_u8
+from ..dataset import load_rows
 from ..decode import decode_image
-from ..ingest import encode_png, image_path, to_uint8
 from ..labels import DEFAULT_SUBTYPE
-from ..manifest import MANIFEST_NAME, to_table
+from ..manifest import MANIFEST_NAME, image_path, to_table
+from ..modeldir import load_generator
 from ..preprocess import to_model_input
-from ..train.data import load_rows
 from .config import DomainFilter, GenerateConfig
 from .data import domain_rows, from_gan
-from .networks import load_generator
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _input(image: torch.Tensor, size: int, jitter: bool, rng: np.random.Generato
 def _resize_back(fake: torch.Tensor, height: int, width: int) -> np.ndarray:
     """``1×S×S`` in [-1, 1] → ``height×width`` uint8 (antialiased bilinear)."""
     x = F.interpolate(from_gan(fake)[None], size=(height, width), mode="bilinear", antialias=True)
-    return to_uint8(x.clamp(0.0, 1.0)[0, 0].numpy())
+    return unit_to_u8(x.clamp(0.0, 1.0)[0, 0].numpy())
 
 
 def generate(cfg: GenerateConfig, progress: Progress | None = None) -> GenerateResult:
@@ -107,7 +107,7 @@ def generate(cfg: GenerateConfig, progress: Progress | None = None) -> GenerateR
         for (i, _), img, out in zip(chunk, images, fake, strict=True):
             src = sources.iloc[i]
             pixels = _resize_back(out, img.shape[1], img.shape[2])
-            png = encode_png(pixels)
+            png = encode_png(pixels, compress_level=FAST_PNG)
             image_id = hashlib.sha256(png).hexdigest()
             if image_id in seen:  # an identical output: nothing new to add
                 continue

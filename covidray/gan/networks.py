@@ -7,12 +7,9 @@ initialization; one gray channel in and out, images in [-1, 1].
 
 from __future__ import annotations
 
-import hashlib
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 Norm = Literal["instance", "none"]
@@ -140,71 +137,3 @@ def receptive_field(module: nn.Module) -> int:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-# --------------------------------------------------------------------------------------------
-# The saved generator: <dir>/generator.safetensors + <dir>/generator.json
-# --------------------------------------------------------------------------------------------
-
-GENERATOR_WEIGHTS = "generator.safetensors"
-GENERATOR_CARD = "generator.json"
-
-
-class GeneratorCard(BaseModel):
-    """What a saved generator is: architecture, domains, resolution, provenance."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    generator_version: str = ""  # first 12 hex of sha256(generator.safetensors)
-    weights_sha256: str = ""
-    architecture: dict[str, Any]  # ResnetGenerator keyword arguments
-    size: int  # square resolution the generator was trained at
-    domain_a: str
-    domain_b: str
-    filter_a: dict[str, Any]
-    filter_b: dict[str, Any]
-    config: dict[str, Any] = Field(default_factory=dict)  # the GanConfig of the run
-    training: dict[str, Any] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
-    code_version: str = ""
-
-
-def save_generator(generator: nn.Module, card: GeneratorCard, uri: str) -> GeneratorCard:
-    """Write weights then card (a folder with a card is complete); returns the saved card."""
-    from safetensors.torch import save
-
-    from .. import storage
-    from ..modeldir import code_version
-
-    inner = getattr(generator, "module", generator)
-    state = {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
-    data = save(state, metadata={"format": "pt"})
-    digest = hashlib.sha256(data).hexdigest()
-    card = card.model_copy(
-        update={
-            "generator_version": digest[:12],
-            "weights_sha256": digest,
-            "code_version": card.code_version or code_version(),
-        }
-    )
-    storage.makedirs(uri)
-    storage.write_bytes(storage.join(uri, GENERATOR_WEIGHTS), data)
-    storage.write_text(storage.join(uri, GENERATOR_CARD), card.model_dump_json(indent=2) + "\n")
-    return card
-
-
-def load_generator(
-    uri: str, device: torch.device | str = "cpu"
-) -> tuple[ResnetGenerator, GeneratorCard]:
-    """Load a saved generator (eval mode); the weights must match the card's sha256."""
-    from safetensors.torch import load
-
-    from .. import storage
-
-    card = GeneratorCard.model_validate_json(storage.read_text(storage.join(uri, GENERATOR_CARD)))
-    data = storage.read_bytes(storage.join(uri, GENERATOR_WEIGHTS))
-    if hashlib.sha256(data).hexdigest() != card.weights_sha256:
-        raise ValueError(f"{uri}: {GENERATOR_WEIGHTS} does not match the card's sha256")
-    generator = ResnetGenerator(**card.architecture)
-    generator.load_state_dict(load(data))
-    return generator.to(device).eval(), card

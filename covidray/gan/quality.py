@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 from pydantic import BaseModel
 
+from ..dataset import load_images, load_rows
 from ..labels import CLASSES
-from ..train.data import load_images, load_rows
-from ..train.evaluate import predict_probs
+from ..predict import predict_probs
 from .config import DomainFilter
 from .data import domain_rows
 

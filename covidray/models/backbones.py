@@ -28,13 +28,13 @@ import torchvision.models as tvm
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .catalog import check_backbone, parse_freeze
 from .heads import build_head
 from .lite0 import LITE0_MEAN_STD, create_timm_lite0, lite0_state_dict
 from .weights import WeightsError, load_imagenet_state_dict, load_state_dict_uri
 
 MeanStd = tuple[tuple[float, float, float], tuple[float, float, float]]
 IMAGENET_MEAN_STD: MeanStd = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-FREEZE_HELP = '"none", "backbone" or "top:N"'
 # Prefixes that wrappers add to every key: DistributedDataParallel, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -197,31 +197,10 @@ EFFICIENTNET_LITE0_SPEC = BackboneSpec(
 SPECS: dict[str, BackboneSpec] = {
     s.name: s for s in (VGG16_SPEC, RESNET50_SPEC, EFFICIENTNET_B0_SPEC, EFFICIENTNET_LITE0_SPEC)
 }
-BACKBONES: tuple[str, ...] = tuple(SPECS)
 
 
 def get_spec(backbone: str) -> BackboneSpec:
-    try:
-        return SPECS[backbone]
-    except KeyError:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}") from None
-
-
-def parse_freeze(policy: str, num_blocks: int) -> int:
-    """How many top blocks of the backbone train under ``policy``."""
-    if policy == "none":
-        return num_blocks
-    if policy == "backbone":
-        return 0
-    if policy.startswith("top:"):
-        try:
-            n = int(policy[4:])
-        except ValueError:
-            n = -1
-        if 0 <= n <= num_blocks:
-            return n
-        raise ValueError(f"freeze {policy!r}: N must be an integer in [0, {num_blocks}]")
-    raise ValueError(f"unknown freeze policy {policy!r}; expected {FREEZE_HELP}")
+    return SPECS[check_backbone(backbone)]
 
 
 class CxrClassifier(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-HEADS: tuple[str, ...] = ("paper", "linear")
+from .catalog import HEADS
 
 
 def build_head(kind: str, in_features: int, num_classes: int) -> nn.Sequential:

@@ -1,7 +1,10 @@
-"""Reports built from the scoring job's predictions."""
+"""Reports built from the scoring job's predictions (``config``: options; ``progression``: the
+HTML disease-progression report). Names load on first use."""
 
 from __future__ import annotations
 
-from .progression import ReportConfig, ReportSummary, build_report
+from ..lazy import lazy_attributes
 
-__all__ = ["ReportConfig", "ReportSummary", "build_report"]
+__getattr__, __all__ = lazy_attributes(
+    __name__, config="ReportConfig", progression="ReportSummary build_report"
+)

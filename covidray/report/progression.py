@@ -27,31 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from .. import storage
 from ..labels import CLASSES
 from ..score.results import read_predictions
+from .config import ReportConfig
 
 PROB_COLUMNS = tuple(f"prob_{c}" for c in CLASSES)
-
-
-class ReportConfig(BaseModel):
-    """`covidray report --scores URI --out report.html`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    scores: str = Field(description="score output folder, its predictions/ or one .parquet")
-    out: str = Field(description="the HTML file to write (local or s3://)")
-    data: str | None = Field(None, description="dataset: study metadata and images by image_id")
-    model_version: str | None = Field(None, description="default: the most recently scored")
-    shortcut_threshold: float = Field(
-        0.5, gt=0, le=1, description="border energy at or above which a map is flagged"
-    )
-    thumb_size: int = Field(160, ge=32, le=1024, description="thumbnail height in pixels")
-    max_thumbs: int = Field(12, ge=1, description="thumbnails per patient")
-    max_table_rows: int = Field(200, ge=1, description="rows listed per flagged/error table")
-    title: str = "Chest X-ray scoring: disease progression"
 
 
 class ReportSummary(BaseModel):
@@ -219,11 +202,11 @@ def thumbnail_png(image_uri: str | None, cam_png: bytes | None, height: int) -> 
     import torch
     from PIL import Image
 
+    from ..codec import decode_png_u8, encode_png, unit_to_u8
     from ..decode import decode_array
     from ..explain import colormap_lut, overlay
-    from ..predict import decode_cam_png
 
-    cam = decode_cam_png(cam_png).astype(np.float32) / 255.0 if cam_png else None
+    cam = decode_png_u8(cam_png).astype(np.float32) / 255.0 if cam_png else None
     gray = None
     if image_uri:
         try:
@@ -231,7 +214,7 @@ def thumbnail_png(image_uri: str | None, cam_png: bytes | None, height: int) -> 
             h, w = img.shape
             width = max(1, round(height * w / h))
             small = Image.fromarray(img, mode="F").resize((width, height), Image.Resampling.BOX)
-            gray = np.clip(np.rint(np.asarray(small) * 255.0), 0, 255).astype(np.uint8)
+            gray = unit_to_u8(np.asarray(small))
         except Exception:  # missing or undecodable: show the map alone
             gray = None
     if gray is not None and cam is not None:
@@ -247,9 +230,7 @@ def thumbnail_png(image_uri: str | None, cam_png: bytes | None, height: int) -> 
             align_corners=False,
         )[0, 0].numpy()
         rgb = colormap_lut("jet")[np.rint(np.clip(up, 0, 1) * 255).astype(np.intp)]
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buf, "PNG", optimize=True)
-    return buf.getvalue(), gray is not None
+    return encode_png(rgb, optimize=True), gray is not None
 
 
 def _e(value: Any) -> str:

@@ -1,17 +1,17 @@
-"""Batch scoring: the nightly rescoring job (Ray Data) and its prediction files."""
+"""Batch scoring: the nightly rescoring job (Ray Data) and its prediction files.
+
+``config`` (options), ``inputs`` (what to read), ``stages`` (read/decode, score, write),
+``job`` (the Ray Data driver), ``results`` (the prediction files). Importing the package loads
+none of them; the names below load on first use.
+"""
 
 from __future__ import annotations
 
-from .config import ScoreConfig
-from .pipeline import ScoreResult, run_score
-from .results import SCHEMA as PREDICTIONS_SCHEMA
-from .results import read_predictions, scored_ids
+from ..lazy import lazy_attributes
 
-__all__ = [
-    "PREDICTIONS_SCHEMA",
-    "ScoreConfig",
-    "ScoreResult",
-    "read_predictions",
-    "run_score",
-    "scored_ids",
-]
+__getattr__, __all__ = lazy_attributes(
+    __name__,
+    config="ScoreConfig",
+    job="ScoreResult run_score",
+    results="PREDICTIONS_SCHEMA=SCHEMA read_predictions scored_ids",
+)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field
 
-from ..config import PSEUDONYM_KEY_ENV, DecodeConfig
+from ..config import Config, DecodeConfig, PseudonymKey
 
 # Files under an input prefix that are never images (sidecars of a dataset folder).
 DEFAULT_EXCLUDE = (".csv", ".parquet", ".json", ".md", ".yaml", ".yml", ".html")
 
 
-class ScoreConfig(BaseModel):
+class ScoreConfig(Config):
     """`covidray score --model URI --data URI --out URI`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     model: str = Field(description="model directory (local or s3://)")
     data: str = Field(description="dataset (manifest.parquet or its folder), or a prefix of images")
@@ -49,7 +46,7 @@ class ScoreConfig(BaseModel):
         None,
         ge=1,
         description="read/decode tasks at a time (each fetches its files concurrently); "
-        "None: 1 for CPU actors (about 130 images/s each here), 4 per GPU actor",
+        "None: 1 for CPU actors, 4 per GPU actor",
     )
     decode_memory_mb: int = Field(768, ge=1, description="memory reserved per decode task")
     rows_per_file: int = Field(1024, ge=1, description="prediction rows per Parquet file")
@@ -63,9 +60,4 @@ class ScoreConfig(BaseModel):
         900, ge=0, description="wait this long for the actors (model load) before reading"
     )
     decode: DecodeConfig = DecodeConfig()
-    pseudonym_key: SecretStr | None = Field(
-        default_factory=lambda: (
-            SecretStr(os.environ[PSEUDONYM_KEY_ENV]) if os.environ.get(PSEUDONYM_KEY_ENV) else None
-        ),
-        description=f"prefix inputs: HMAC key for DICOM PatientID (${PSEUDONYM_KEY_ENV})",
-    )
+    pseudonym_key: PseudonymKey

@@ -1,19 +1,10 @@
-"""Training on Ray Train: config, data, the per-worker loop, the driver, evaluation."""
+"""Training on Ray Train: ``config`` (options), ``data`` (balanced sampling), ``loop`` (the
+per-worker loop), ``trainer`` (the driver). Importing the package loads no Ray and no torch."""
 
 from __future__ import annotations
 
+from ..lazy import lazy_attributes
 from .config import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate_model", "run_training"]
-
-
-def __getattr__(name: str):  # keep `import covidray.train` light (no Ray, no torch)
-    if name in ("run_training", "TrainResult"):
-        from . import trainer
-
-        return getattr(trainer, name)
-    if name == "evaluate_model":
-        from .evaluate import evaluate_model
-
-        return evaluate_model
-    raise AttributeError(name)
+__getattr__, _lazy = lazy_attributes(__name__, trainer="TrainResult run_training")
+__all__ = ["TrainConfig", *_lazy]

@@ -6,17 +6,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..augment import AugmentConfig
-from ..config import _Config
-from ..models import BACKBONES, HEADS
+from ..config import AugmentConfig, Config
+from ..models.catalog import BACKBONE_BLOCKS, check_backbone, check_head, parse_freeze
 
 # Frozen bottom blocks by default: EfficientNets keep their stem and first two stages (the
-# 112- and 56-pixel, edge-like layers) from ImageNet. That skips their backward pass (about
-# 40 % less compute per step on a CPU) and regularizes on a few hundred images.
+# 112- and 56-pixel, edge-like layers) from ImageNet. That skips their backward pass (much
+# less compute per step on a CPU) and regularizes on a few hundred images.
 DEFAULT_FREEZE: dict[str, str] = {"efficientnet_lite0": "top:6", "efficientnet_b0": "top:6"}
 
 
-class TrainConfig(_Config):
+class TrainConfig(Config):
     """Everything one training run needs. Defaults are the tuned single-CPU-worker recipe."""
 
     data: str = Field(description="dataset folder or manifest.parquet (local or s3://)")
@@ -105,25 +104,12 @@ class TrainConfig(_Config):
             return None
         return v
 
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, v: str) -> str:
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; expected one of {BACKBONES}")
-        return v
-
-    @field_validator("head")
-    @classmethod
-    def _known_head(cls, v: str) -> str:
-        if v not in HEADS:
-            raise ValueError(f"unknown head {v!r}; expected one of {HEADS}")
-        return v
+    _known_backbone = field_validator("backbone")(check_backbone)
+    _known_head = field_validator("head")(check_head)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        from ..models import get_spec, parse_freeze
-
-        parse_freeze(self.freeze, len(get_spec(self.backbone).blocks))
+        parse_freeze(self.freeze, BACKBONE_BLOCKS[self.backbone])
         if self.warmup_epochs > self.epochs:
             raise ValueError("warmup_epochs must not exceed epochs")
         return self

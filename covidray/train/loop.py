@@ -27,25 +27,29 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from ..augment import build_augmentation
+from ..codec import u8_to_unit_tensor
+from ..dataset import load_images, load_rows, shard_indices
+from ..evaluation.metrics import evaluate_predictions
 from ..labels import CLASSES
-from ..metrics import evaluate_predictions
 from ..models import build_model
-from ..preprocess import from_uint8
-from ..raycluster import checkpoint_dir, report_with_checkpoint
+from ..predict import predict_probs
+from ..runtime.threads import threads_per_worker
+from ..runtime.train import (
+    checkpoint_dir,
+    prepare_model,
+    rank_and_world_size,
+    report_with_checkpoint,
+    restored_checkpoint,
+    train_device,
+)
 from .config import TrainConfig
-from .data import EpochSampler, load_images, load_rows, sample_weights, shard_indices
-from .evaluate import predict_probs
+from .data import EpochSampler, sample_weights
 
 STATE_NAME = "state.pt"
 BEST_NAME = "best.safetensors"
 
 # Called before every optimizer step as hook(epoch=..., step=..., rank=...); for fault drills.
 StepHook = Callable[..., None]
-
-
-def default_threads(workers: int) -> int:
-    """Threads per worker when not configured: this node's CPUs shared by the workers."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -188,7 +192,7 @@ def build_training(cfg: TrainConfig, steps_per_epoch: int, device: torch.device)
         freeze=cfg.freeze,
         weights_sha256=cfg.weights_sha256,
     )
-    # channels_last on CPUs too: oneDNN's convolutions are about 1.7x faster a step here.
+    # channels_last on CPUs too: oneDNN's convolutions are much faster a step (README).
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
@@ -260,7 +264,7 @@ def train_one_epoch(
     for step, idx in enumerate(batches):
         if hook is not None:
             hook(epoch=epoch, step=step, rank=rank)
-        x = from_uint8(train_x[idx].to(device, non_blocking=True))
+        x = u8_to_unit_tensor(train_x[idx].to(device, non_blocking=True))
         y = train_y[idx].to(device, non_blocking=True)
         with torch.no_grad():
             x = augment(x)
@@ -282,15 +286,11 @@ def train_one_epoch(
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"cfg": TrainConfig dump, "step_hook": ...}``."""
-    import ray.train
-    import ray.train.torch
-
     cfg = TrainConfig.model_validate(config["cfg"])
     hook: StepHook | None = config.get("step_hook")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.torch_threads or default_threads(cfg.workers))
-    device = ray.train.torch.get_device()
+    rank, world = rank_and_world_size()
+    torch.set_num_threads(cfg.torch_threads or threads_per_worker(cfg.workers))
+    device = train_device()
     cuda = device.type == "cuda"
 
     # --- data: this worker's train shard and val shard, decoded once -----------------------
@@ -307,7 +307,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": -1, "macro_f1": -1.0, "val_loss": math.inf, "bad_epochs": 0}
     best_state: dict[str, torch.Tensor] = {}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = restored_checkpoint()
     if checkpoint is not None:
         with checkpoint_dir(checkpoint) as d:  # not as_directory(): see checkpoint_dir
             state, best_state = load_checkpoint(d)
@@ -323,7 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch = cfg.epochs
     steps_at_start = adam_step(optimizer)
 
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_model(model)
     inner: nn.Module = getattr(model, "module", model)
     evaluated: nn.Module = ema.module if ema is not None else inner  # validated and shipped
 

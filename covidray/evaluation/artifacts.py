@@ -1,17 +1,15 @@
-"""Rendering of an EvalReport: rich tables for the terminal, a confusion-matrix PNG, markdown.
+"""An EvalReport as files next to a model: a confusion-matrix PNG and a markdown summary; and
+the one-line summaries the command line shows too.
 
 Every rendering shows the subgroup breakdowns and the flagged list next to the overall
-figures; see covidray.metrics for why accuracy on a confounded split is never shown alone.
+figures; see covidray.evaluation.metrics for why accuracy on a confounded split is never shown
+alone.
 """
 
 from __future__ import annotations
 
 import os
 from typing import IO
-
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
 
 from .metrics import EvalReport, SubgroupMetrics
 
@@ -22,11 +20,11 @@ NO_SUBGROUPS = (
 )
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _overall_line(report: EvalReport) -> str:
+def overall_line(report: EvalReport) -> str:
     return (
         f"accuracy {report.accuracy:.3f} · macro-F1 {report.macro_f1:.3f} · "
         f"COVID sensitivity {report.covid_recall:.3f} · "
@@ -34,65 +32,15 @@ def _overall_line(report: EvalReport) -> str:
     )
 
 
-def _adult_line(adult: SubgroupMetrics | None) -> str:
+def adult_line(adult: SubgroupMetrics | None) -> str:
     if adult is None:
         return "Adult only: no rows with age_group = adult"
     return (
         f"Adult only (n={adult.n}): accuracy {adult.accuracy:.3f} · "
-        f"COVID sensitivity {_fmt(adult.covid_recall)} · "
-        f"COVID specificity {_fmt(adult.covid_specificity)}"
+        f"COVID sensitivity {fmt(adult.covid_recall)} · "
+        f"COVID specificity {fmt(adult.covid_specificity)}"
         + (f"  {WARN} {adult.flag_reason}" if adult.flagged else "")
     )
-
-
-def render_text(report: EvalReport, title: str = "") -> Group:
-    """A rich renderable: overall line, per-class, confusion and subgroup tables, flags."""
-    parts: list = []
-    if title:
-        parts.append(Text(title, style="bold"))
-    parts.append(Text(_overall_line(report)))
-
-    per_class = Table(title="Per class")
-    for col in ("class", "precision", "recall", "F1", "support"):
-        per_class.add_column(col, justify="left" if col == "class" else "right")
-    for name, m in report.per_class.items():
-        per_class.add_row(name, _fmt(m.precision), _fmt(m.recall), _fmt(m.f1), str(m.support))
-    parts.append(per_class)
-
-    confusion = Table(title="Confusion matrix (rows true, columns predicted)")
-    confusion.add_column("true \\ predicted")
-    for name in report.classes:
-        confusion.add_column(name, justify="right")
-    for name, row in zip(report.classes, report.confusion, strict=True):
-        confusion.add_row(name, *(str(v) for v in row))
-    parts.append(confusion)
-
-    if not report.subgroups:
-        parts.append(Text(f"{WARN} {NO_SUBGROUPS}", style="yellow"))
-    for column, values in report.subgroups.items():
-        table = Table(title=f"By {column}")
-        table.add_column(column)
-        for col in ("n", "accuracy", "COVID recall", "COVID specificity"):
-            table.add_column(col, justify="right")
-        for value, m in values.items():
-            table.add_row(
-                f"{WARN} {value}" if m.flagged else value,
-                str(m.n),
-                _fmt(m.accuracy),
-                _fmt(m.covid_recall),
-                _fmt(m.covid_specificity),
-                style="red" if m.flagged else None,
-            )
-        parts.append(table)
-
-    parts.append(Text(_adult_line(report.adult)))
-    if report.flagged:
-        flags = Text(f"{WARN} Flagged subgroups:\n", style="bold red")
-        flags.append("\n".join(f"  - {line}" for line in report.flagged), style="red")
-        parts.append(flags)
-    else:
-        parts.append(Text("No subgroup flagged.", style="green"))
-    return Group(*parts)
 
 
 def confusion_png(
@@ -149,12 +97,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def per_class_table_markdown(report: EvalReport) -> str:
     """Markdown: overall line, per-class and confusion tables, subgroup tables, adult, flags."""
-    out = [f"**Overall**: {_overall_line(report)}", ""]
+    out = [f"**Overall**: {overall_line(report)}", ""]
     out.append(
         _md_table(
             ["class", "precision", "recall", "F1", "support"],
             [
-                [name, _fmt(m.precision), _fmt(m.recall), _fmt(m.f1), str(m.support)]
+                [name, fmt(m.precision), fmt(m.recall), fmt(m.f1), str(m.support)]
                 for name, m in report.per_class.items()
             ],
         )
@@ -181,16 +129,16 @@ def per_class_table_markdown(report: EvalReport) -> str:
                     [
                         f"{WARN} {value}" if m.flagged else value,
                         str(m.n),
-                        _fmt(m.accuracy),
-                        _fmt(m.covid_recall),
-                        _fmt(m.covid_specificity),
+                        fmt(m.accuracy),
+                        fmt(m.covid_recall),
+                        fmt(m.covid_specificity),
                     ]
                     for value, m in values.items()
                 ],
             )
         )
         out.append("")
-    out += [f"**{_adult_line(report.adult)}**", ""]
+    out += [f"**{adult_line(report.adult)}**", ""]
     if report.flagged:
         out += [f"**{WARN} Flagged subgroups**", ""]
         out += [f"- {_md_cell(line)}" for line in report.flagged]

@@ -1,51 +1,15 @@
-"""Scoring a model on a dataset split: batched prediction (with optional flip TTA) + metrics."""
+"""Running a model on a dataset split (``covidray evaluate``, training's final evaluation):
+decode once, batched prediction (with optional flip TTA), metrics with subgroups."""
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
-from ..metrics import EvalReport, evaluate_predictions
-from ..preprocess import from_uint8
-from .data import GROUP_COLUMNS, load_images, load_rows
-
-EVAL_SPLITS: tuple[str, ...] = ("test", "val", "train", "all")
-
-
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module,
-    images_u8: torch.Tensor,
-    *,
-    batch_size: int = 64,
-    tta_hflip: bool = False,
-    device: torch.device | str | None = None,
-    autocast: bool = False,
-) -> np.ndarray:
-    """Softmax probabilities ``(N, C)`` for cached uint8 images, model in eval mode.
-
-    With ``tta_hflip`` the probabilities of each image and its mirror image are averaged.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(images_u8), batch_size):
-            x = from_uint8(images_u8[start : start + batch_size].to(device, non_blocking=True))
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                p = model(x).float().softmax(-1)
-                if tta_hflip:
-                    p = 0.5 * (p + model(x.flip(-1)).float().softmax(-1))
-            out.append(p.cpu())
-    finally:
-        model.train(was_training)
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(out).numpy()
+from ..dataset import GROUP_COLUMNS, load_images, load_rows
+from ..predict import predict_probs
+from .config import EVAL_SPLITS
+from .metrics import EvalReport, evaluate_predictions
 
 
 def select_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from .labels import CLASSES
+from ..labels import CLASSES
 
 POSITIVE_CLASS = "covid"
 UNKNOWN = "unknown"

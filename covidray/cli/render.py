@@ -1,0 +1,208 @@
+"""What the command line shows: progress bars, tables, epoch lines and evaluation reports.
+
+The library returns pydantic results and plain dicts; everything rich lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ..evaluation.artifacts import NO_SUBGROUPS, WARN, adult_line, fmt, overall_line
+from ..evaluation.metrics import EvalReport
+from ..labels import CLASSES
+from ..manifest import SPLITS
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar; yields ``update(done, total)``."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+# --- ingest ------------------------------------------------------------------------------------
+
+
+def ingest_table(result: Any) -> Table:
+    """Images per class and split of an IngestResult."""
+    table = Table(title=f"{result.n_rows} images ingested ({result.layout} layout)")
+    table.add_column("class")
+    unsplit = any("none" in per for per in result.counts.values())
+    columns = (*SPLITS, "none") if unsplit else SPLITS
+    for split in columns:
+        table.add_column("not split" if split == "none" else split, justify="right")
+    table.add_column("total", justify="right")
+    labels = [c for c in CLASSES if c in result.counts]
+    labels += sorted(c for c in result.counts if c not in CLASSES)
+    for label in labels:
+        per = result.counts[label]
+        table.add_row(label, *[str(per.get(s, 0)) for s in columns], str(sum(per.values())))
+    totals = [sum(result.counts[label].get(s, 0) for label in labels) for s in columns]
+    table.add_row("[bold]total", *[str(t) for t in totals], str(sum(totals)))
+    return table
+
+
+def print_ingest_result(result: Any) -> None:
+    console.print(ingest_table(result))
+    if result.error_reasons:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.error_reasons.items()))
+        console.print(f"not ingested: {reasons} (see {result.errors_uri})")
+    if result.n_duplicates:
+        console.print(f"dropped {result.n_duplicates} exact duplicate file(s)")
+    console.print(f"manifest: {result.manifest_uri}")
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def train_epoch_line(m: dict[str, Any], epochs: int) -> str:
+    """One line for a classifier epoch's reported metrics."""
+    flags = (
+        " [yellow](resumed)[/yellow]" if m.get("resumed") and m["epoch"] == m["start_epoch"] else ""
+    )
+    return (
+        f"epoch {m['epoch'] + 1:>3}/{epochs}  loss {m['train_loss']:.4f}  "
+        f"val loss {m['val_loss']:.4f}  val macro-F1 {m['val_macro_f1']:.3f}  "
+        f"acc {m['val_accuracy']:.3f}  COVID recall {m['val_covid_recall']:.3f}  "
+        f"lr {m['lr']:.2e}  best {m['best_val_macro_f1']:.3f}@{m['best_epoch'] + 1}  "
+        f"{m['epoch_s']:.0f} s{flags}"
+    )
+
+
+def gan_epoch_line(m: dict[str, Any], epochs: int) -> str:
+    """One line for a CycleGAN epoch's reported metrics."""
+    resumed = " (resumed)" if m.get("resumed") and m["epoch"] == m["start_epoch"] else ""
+    return (
+        f"epoch {m['epoch'] + 1:>3}/{epochs}  G {m['loss_g']:.3f} (gan {m['loss_g_gan']:.3f} "
+        f"cycle {m['loss_cycle']:.3f} idt {m['loss_identity']:.3f})  D_A {m['loss_d_a']:.3f}  "
+        f"D_B {m['loss_d_b']:.3f}  lr {m['lr']:.2e}  step {m['step']}/{m['total_steps']}  "
+        f"{m['s_per_iter']:.2f} s/iter  {m['epoch_s']:.0f} s{resumed}"
+    )
+
+
+def epoch_printer(
+    epochs: int, line: Callable[[dict[str, Any], int], str]
+) -> Callable[[dict[str, Any]], None]:
+    """An ``on_epoch`` callback printing ``line(metrics, epochs)`` (and worker failures)."""
+
+    def show(m: dict[str, Any]) -> None:
+        if m.get("event") == "failure":
+            errors = escape(str(m["errors"]))  # worker errors may hold "[/path]" and the like
+            console.print(f"[red]worker failure[/red] {errors}: restarting from checkpoint")
+        else:
+            console.print(line(m, epochs), highlight=False)
+
+    return show
+
+
+def print_train_reports(result: Any) -> None:
+    """One line per evaluated split of a TrainResult: accuracy, macro-F1, COVID recall, adult."""
+    for split, m in result.reports.items():
+        adult = f" · adult accuracy {m['adult']['accuracy']:.3f}" if m.get("adult") else ""
+        console.print(
+            f"[bold]{split}[/bold]: accuracy {m['accuracy']:.3f} · macro-F1 "
+            f"{m['macro_f1']:.3f} · COVID recall {m['covid_recall']:.3f}{adult}"
+        )
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+def render_text(report: EvalReport, title: str = "") -> Group:
+    """A rich renderable: overall line, per-class, confusion and subgroup tables, flags."""
+    parts: list = []
+    if title:
+        parts.append(Text(title, style="bold"))
+    parts.append(Text(overall_line(report)))
+
+    per_class = Table(title="Per class")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in report.per_class.items():
+        per_class.add_row(name, fmt(m.precision), fmt(m.recall), fmt(m.f1), str(m.support))
+    parts.append(per_class)
+
+    confusion = Table(title="Confusion matrix (rows true, columns predicted)")
+    confusion.add_column("true \\ predicted")
+    for name in report.classes:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(report.classes, report.confusion, strict=True):
+        confusion.add_row(name, *(str(v) for v in row))
+    parts.append(confusion)
+
+    if not report.subgroups:
+        parts.append(Text(f"{WARN} {NO_SUBGROUPS}", style="yellow"))
+    for column, values in report.subgroups.items():
+        table = Table(title=f"By {column}")
+        table.add_column(column)
+        for col in ("n", "accuracy", "COVID recall", "COVID specificity"):
+            table.add_column(col, justify="right")
+        for value, m in values.items():
+            table.add_row(
+                f"{WARN} {value}" if m.flagged else value,
+                str(m.n),
+                fmt(m.accuracy),
+                fmt(m.covid_recall),
+                fmt(m.covid_specificity),
+                style="red" if m.flagged else None,
+            )
+        parts.append(table)
+
+    parts.append(Text(adult_line(report.adult)))
+    if report.flagged:
+        flags = Text(f"{WARN} Flagged subgroups:\n", style="bold red")
+        flags.append("\n".join(f"  - {line}" for line in report.flagged), style="red")
+        parts.append(flags)
+    else:
+        parts.append(Text("No subgroup flagged.", style="green"))
+    return Group(*parts)
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+def score_table(result: Any) -> Table:
+    """A run's counts and throughput (a ScoreResult)."""
+    from ..score.results import predictions_root
+
+    table = Table(title=f"model {result.model_version}, run_date={result.run_date}")
+    table.add_column("")
+    table.add_column("", justify="right")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.error_reasons.items()))
+    for name, value in (
+        ("inputs", result.n_inputs),
+        ("scored", result.n_scored),
+        ("skipped (already scored)", result.n_skipped),
+        ("errors", f"{result.n_errors}" + (f" ({reasons})" if reasons else "")),
+        ("files written", result.n_files),
+        ("scoring actors", f"{result.workers} × {result.threads} thread(s) on {result.device}"),
+        ("img/s (first read → last write)", f"{result.img_per_s:.1f}"),
+        ("scoring time", f"{result.elapsed_s:.1f} s"),
+        ("startup (Ray, model load)", f"{result.startup_s:.1f} s"),
+        ("wall time", f"{result.wall_s:.1f} s"),
+    ):
+        table.add_row(name, str(value))
+    table.add_row("output", predictions_root(result.out))
+    return table

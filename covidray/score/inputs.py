@@ -1,0 +1,90 @@
+"""What a scoring run reads: a dataset's manifest rows, or the image files under a prefix."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from .. import storage
+from ..manifest import MANIFEST_NAME, manifest_base, read_manifest
+from . import results
+from .config import ScoreConfig
+
+ITEM_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("patient_id", pa.string()),
+        pa.field("study_day", pa.float32()),
+        pa.field("study_date", pa.string()),
+        pa.field("size", pa.int64()),
+    ]
+)
+
+
+def is_dataset(uri: str) -> bool:
+    if uri.endswith(".parquet"):
+        return True
+    return storage.exists(storage.join(uri, MANIFEST_NAME))
+
+
+def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
+    """``(kind, items, n_skipped)``: the images to read, in a stable order.
+
+    A dataset's rows already scored (``done``) are dropped here; a prefix's files are all
+    listed (their image_id is only known after reading them).
+    """
+    if is_dataset(cfg.data):
+        manifest = read_manifest(cfg.data)
+        base = manifest_base(cfg.data)
+        n = manifest.num_rows
+
+        def col(name: str, typ: pa.DataType) -> list:
+            if name not in manifest.schema.names:
+                return [None] * n
+            return manifest.column(name).cast(typ).to_pylist()
+
+        ids = col("image_id", pa.string())
+        keep = [i for i, image_id in enumerate(ids) if image_id not in done]
+        uris = col("uri", pa.string())
+        cols = {
+            "image_id": [ids[i] for i in keep],
+            "uri": [storage.resolve(base, uris[i]) for i in keep],
+            "size": [None] * len(keep),
+        }
+        for name, typ in (
+            ("patient_id", pa.string()),
+            ("study_day", pa.float32()),
+            ("study_date", pa.string()),
+        ):
+            values = col(name, typ)
+            cols[name] = [values[i] for i in keep]
+        table = pa.Table.from_pydict(cols, schema=ITEM_SCHEMA)
+        return "manifest", table, n - len(keep)
+
+    results.fresh_listing(cfg.data)
+    fs, path = storage.filesystem(cfg.data)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"--data is neither a dataset nor a folder: {cfg.data}")
+    out_path = storage.filesystem(cfg.out)[1].rstrip("/") + "/"
+    found = fs.find(path, detail=True)
+    suffixes = tuple(s.lower() for s in cfg.exclude_suffixes)
+    uris, sizes = [], []
+    for p in sorted(found):
+        name = p.rsplit("/", 1)[-1]
+        if name.startswith(".") or name.lower().endswith(suffixes) or p.startswith(out_path):
+            continue
+        uris.append(storage.to_uri(p, cfg.data))
+        sizes.append(found[p].get("size"))
+    n = len(uris)
+    table = pa.Table.from_pydict(
+        {
+            "image_id": [None] * n,
+            "uri": uris,
+            "patient_id": [None] * n,
+            "study_day": [None] * n,
+            "study_date": [None] * n,
+            "size": sizes,
+        },
+        schema=ITEM_SCHEMA,
+    )
+    return "prefix", table, 0

@@ -1,0 +1,215 @@
+"""The nightly rescoring job (``covidray score``): the Ray Data driver.
+
+The stages (:mod:`.stages`) run as ``map_batches``: read + decode as tasks, at most
+``read_tasks`` at a time; scoring in an actor pool (:func:`plan_actors`: one actor per GPU, or
+one actor with a thread per core on CPUs); writes as tasks. The read and write stages mostly
+wait on storage: they reserve no Ray CPU (a cap on how many run at once instead), so that the
+scoring actors, the bottleneck, can have every CPU.
+
+Incremental and idempotent: before reading anything the driver collects the ``image_id`` of
+every row already written for this model version (a prediction or a decode error). Dataset
+inputs are filtered before their bytes are read; prefix inputs are hashed and then dropped
+without decoding. Since files are atomic and only complete files count, a run killed at any
+point leaves complete batches only, and the next run scores exactly the rest. (Two runs on the
+same output at the same time could both score an image: schedule one at a time.)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from .. import storage
+from ..config import secret_bytes
+from ..modeldir import read_card
+from ..runtime.cluster import ensure_ray
+from ..runtime.threads import physical_cores
+from . import results
+from .config import ScoreConfig
+from .inputs import list_inputs
+from .stages import ScoreWorker, read_decode, write_batch
+
+
+class ScoreResult(BaseModel):
+    """What a scoring run did (printed by the CLI as a table and one JSON line)."""
+
+    out: str
+    model_version: str
+    run_date: str
+    input_kind: str  # manifest | prefix
+    n_inputs: int
+    n_scored: int
+    n_errors: int
+    n_skipped: int  # already scored by this model version
+    error_reasons: dict[str, int]
+    n_files: int
+    elapsed_s: float  # first image read → last row written
+    img_per_s: float  # n_scored / elapsed_s
+    startup_s: float  # Ray connection + actor start (model load), before the first read
+    wall_s: float
+    device: str = ""  # the scoring actors'
+    workers: int = 0
+    threads: int = 0
+
+
+class ActorPlan(BaseModel):
+    """How the scoring stage runs: where, how many actors, threads and Ray resources each."""
+
+    device: str
+    workers: int
+    threads: int
+    resources: dict[str, float]
+    read_tasks: int
+
+
+def plan_actors(
+    cfg: ScoreConfig, cluster: dict[str, float], available: dict[str, float], cores: int
+) -> ActorPlan:
+    """Resolve the config's defaults against the cluster (``ray.cluster_resources()``,
+    ``ray.available_resources()``) and this node's physical ``cores``."""
+    use_gpu = cluster.get("GPU", 0) > 0 and cfg.device in (None, "cuda")
+    device = "cuda" if use_gpu else (cfg.device or "cpu")
+    if device == "cuda":
+        resources = {"num_gpus": 1.0}
+        auto = max(1, int(available.get("GPU", 0)))
+    else:  # one actor using every core beat one single-threaded actor per core (bench/score.py)
+        resources = {"num_cpus": cfg.cpus_per_worker}
+        auto = 1
+    workers = cfg.workers or auto
+    threads = cfg.threads or max(1, cores // workers)
+    read_tasks = cfg.read_tasks or (4 * workers if device == "cuda" else 1)
+    return ActorPlan(
+        device=device, workers=workers, threads=threads, resources=resources, read_tasks=read_tasks
+    )
+
+
+def run_score(
+    cfg: ScoreConfig, on_plan: Callable[[str, int, int], None] | None = None
+) -> ScoreResult:
+    """Score ``cfg.data`` with ``cfg.model`` into ``cfg.out`` (see the module docstring).
+
+    ``on_plan(kind, n_to_read, n_skipped)`` is called once the inputs are listed.
+    """
+    import ray
+
+    t_start = time.time()
+    card = read_card(cfg.model)
+    version, size = card.model_version, int(card.preprocessing.input_size)
+    run_date = cfg.run_date or datetime.now(UTC).date().isoformat()
+    done = results.scored_ids(cfg.out, version)
+    kind, items, n_skipped = list_inputs(cfg, done)
+    if on_plan is not None:
+        on_plan(kind, items.num_rows, n_skipped)
+    result = ScoreResult(
+        out=storage.normalize(cfg.out),
+        model_version=version,
+        run_date=run_date,
+        input_kind=kind,
+        n_inputs=items.num_rows + n_skipped,
+        n_scored=0,
+        n_errors=0,
+        n_skipped=n_skipped,
+        error_reasons={},
+        n_files=0,
+        elapsed_s=0.0,
+        img_per_s=0.0,
+        startup_s=0.0,
+        wall_s=0.0,
+    )
+    if items.num_rows == 0:
+        return result.model_copy(update={"wall_s": time.time() - t_start})
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = cfg.wait_for_workers_s  # load the models before reading
+    plan = plan_actors(cfg, ray.cluster_resources(), ray.available_resources(), physical_cores())
+    chunk = cfg.read_chunk
+    blocks = [items.slice(i, chunk) for i in range(0, items.num_rows, chunk)]
+    key = secret_bytes(cfg.pseudonym_key)
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        read_decode,
+        batch_size=chunk,
+        batch_format="numpy",
+        fn_kwargs={
+            "size": size,
+            "done": frozenset(done) if kind == "prefix" else frozenset(),
+            "max_bytes": cfg.decode.max_bytes,
+            "max_pixels": cfg.decode.max_pixels,
+            "pseudonym_key": key,
+        },
+        # Reads mostly wait on storage: no Ray CPU, a cap on how many run at once instead.
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=plan.read_tasks),
+        # Room for one large decode; also, resources that differ from the actors' keep Ray
+        # Data from fusing this stage into the actor pool: decoding stays in its own tasks.
+        memory=cfg.decode_memory_mb * 2**20,
+    )
+    # Every worker has the job's runtime env (AWS settings, malloc tunables: ensure_ray); the
+    # actors add their OpenMP wait policy, read when their process loads OpenMP.
+    actor_env: dict[str, Any] = {}
+    if cfg.omp_wait_policy:
+        actor_env["env_vars"] = {"OMP_WAIT_POLICY": cfg.omp_wait_policy}
+    ds = ds.map_batches(
+        ScoreWorker,
+        fn_constructor_kwargs={
+            "model_uri": cfg.model,
+            "device": plan.device,
+            "threads": plan.threads,
+            "amp": cfg.amp,
+            "compile": cfg.compile,
+            "keep_pixels": cfg.overlays,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.workers),
+        runtime_env=actor_env or None,
+        **plan.resources,
+    )
+    ds = ds.map_batches(
+        write_batch,
+        batch_size=cfg.rows_per_file,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "out": cfg.out,
+            "run_date": run_date,
+            "model_version": version,
+            "overlays": cfg.overlays,
+        },
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=2),
+    )
+    reasons: Counter[str] = Counter()
+    n_scored = n_errors = n_files = 0
+    first_read, last_write = float("inf"), 0.0
+    for summary in ds.iter_rows():
+        n_scored += int(summary["n_scored"])
+        n_errors += int(summary["n_errors"])
+        n_skipped += int(summary["n_skipped"])
+        n_files += bool(summary["file"])
+        reasons.update(json.loads(summary["reasons"]))
+        first_read = min(first_read, float(summary["t_first_read"]))
+        last_write = max(last_write, float(summary["t_written"]))
+    elapsed = max(last_write - first_read, 1e-9)
+    return result.model_copy(
+        update={
+            "n_scored": n_scored,
+            "n_errors": n_errors,
+            "n_skipped": n_skipped,
+            "error_reasons": dict(reasons),
+            "n_files": n_files,
+            "elapsed_s": round(elapsed, 3),
+            "img_per_s": round(n_scored / elapsed, 2),
+            "startup_s": round(max(0.0, first_read - t_start), 3),
+            "wall_s": round(time.time() - t_start, 3),
+            "device": plan.device,
+            "workers": plan.workers,
+            "threads": plan.threads,
+        }
+    )
