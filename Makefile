@@ -28,7 +28,7 @@ test: $(STAMP)
 
 # Speed: scoring pipelines and a training epoch, each against a baseline in the same run.
 bench: $(STAMP)
-	@for b in bench/score.py bench/train.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/score.py bench/train.py bench/serve.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # Hours on a CPU: CycleGAN images in or out of the classifier's training set.
 ablation: $(STAMP)

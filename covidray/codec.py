@@ -1,7 +1,8 @@
 """Pixel values and PNG bytes: the conversions every module shares.
 
-- Unit floats ([0, 1]) ↔ 8-bit: :func:`unit_to_u8` (numpy), :func:`unit_to_u8_tensor` and
-  :func:`u8_to_unit_tensor` (torch). Rounding to nearest, values outside [0, 1] clipped.
+- Unit floats ([0, 1]) ↔ 8-bit: :func:`unit_to_u8` and :func:`u8_to_unit` (numpy),
+  :func:`unit_to_u8_tensor` and :func:`u8_to_unit_tensor` (torch). Rounding to nearest,
+  values outside [0, 1] clipped.
 - PNG: :func:`encode_png` (8-bit gray ``H×W`` or RGB ``H×W×3``), :func:`decode_png_u8` (a
   PNG this project wrote, e.g. a stored Grad-CAM map, back to 8-bit gray). Input images from
   outside go through :mod:`covidray.decode`, which checks everything.
@@ -23,6 +24,13 @@ FAST_PNG = 3
 def unit_to_u8(image: np.ndarray) -> np.ndarray:
     """Floats in [0, 1] → uint8 0..255 (rounded, clipped)."""
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def u8_to_unit(image: np.ndarray) -> np.ndarray:
+    """uint8 0..255 → float32 in [0, 1] (``decode``'s conversion of 8-bit data)."""
+    out = image.astype(np.float32)
+    out /= 255.0
+    return out
 
 
 def unit_to_u8_tensor(x: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,20 @@ class IngestConfig(Config):
         256, ge=0, description="use Ray tasks when there are more input files than this"
     )
     chunk_size: int = Field(32, ge=1, description="files per Ray task")
+    keep_source_paths: bool = Field(
+        False,
+        description="with a pseudonym key, keep the source paths (source_uri) and the source's "
+        "own extra columns anyway: only for research sets whose file names identify no one",
+    )
+
+    @field_validator("layout")
+    @classmethod
+    def _known_layout(cls, v: str) -> str:
+        from .layouts import LAYOUTS  # at call time: layouts imports modules that import this
+
+        if v != "auto" and v not in LAYOUTS:
+            raise ValueError(f"unknown layout {v!r}: choose auto, {', '.join(LAYOUTS)}")
+        return v
 
     @model_validator(mode="after")
     def _distinct(self) -> IngestConfig:
@@ -102,6 +116,7 @@ class SynthConfig(Config):
     n_per_class: int = Field(40, ge=1)
     seed: int = 0
     size: int = Field(256, ge=64, le=1024)
+    style: Literal["a", "b"] = Field("a", description='"b": another site\'s processing')
 
 
 class DemoConfig(Config):
@@ -120,6 +135,19 @@ class DemoConfig(Config):
         "tuned recipe)",
     )
     input_size: int = Field(224, ge=32, le=1024, description="model input size of the short run")
+
+
+class CalibrateConfig(Config):
+    """`covidray calibrate`: fit the calibration (val) and the input gate (train, val) of an
+    existing model directory on a dataset, e.g. a site's own data or a model from before."""
+
+    model: str = Field(description="model directory (local or s3://)")
+    data: str = Field(description="dataset folder or manifest.parquet with train and val rows")
+    out: str | None = Field(
+        None, description="where to write the model directory (default: in place)"
+    )
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
+    device: str | None = Field(None, description="cuda or cpu (default: cuda when available)")
 
 
 class AugmentConfig(Config):

@@ -16,16 +16,27 @@ import pandas as pd
 import torch
 
 from . import storage
-from .codec import unit_to_u8_tensor
-from .decode import decode_image
+from .config import DecodeConfig
+from .datapaths import OutsideDataset, resolve_inside
+from .decode import decode_array
 from .labels import CLASSES
 from .manifest import SPLITS, manifest_base, read_manifest
-from .preprocess import to_model_input
+from .preprocess import prepare_array
 
 log = logging.getLogger(__name__)
 
 GROUP_COLUMNS: tuple[str, ...] = ("source", "age_group", "view")
-_ROW_COLUMNS = ("image_id", "uri", "label", "split", "patient_id", "synthetic", *GROUP_COLUMNS)
+_ROW_COLUMNS = (
+    "image_id",
+    "uri",
+    "label",
+    "split",
+    "patient_id",
+    "synthetic",
+    "width",
+    "height",
+    *GROUP_COLUMNS,
+)
 
 
 def _manifest_frame(uri: str) -> pd.DataFrame:
@@ -37,11 +48,27 @@ def _manifest_frame(uri: str) -> pd.DataFrame:
             df[column] = False if column == "synthetic" else None
     df = df[list(_ROW_COLUMNS)].copy()
     df = df[df["label"].isin(CLASSES)].reset_index(drop=True)
-    base = manifest_base(uri)
-    df["uri"] = [storage.resolve(base, u) for u in df["uri"]]
+    df["uri"] = _inside(manifest_base(uri), list(df["uri"]))
     df["y"] = [CLASSES.index(label) for label in df["label"]]
     df["source"] = df["source"].fillna("unknown").astype(str)
     return df
+
+
+def _inside(base: str, rels: list[str]) -> list[str]:
+    """The rows' image URIs under the dataset folder ``base``; a ValueError (how many rows,
+    the first one's index and reason) if any path would leave it (:mod:`covidray.datapaths`)."""
+    out, bad = [], []
+    for i, rel in enumerate(rels):
+        try:
+            out.append(resolve_inside(base, rel))
+        except OutsideDataset as err:
+            bad.append((i, err.reason))
+    if bad:
+        raise ValueError(
+            f"{len(bad)} labelled manifest row(s) name an image outside the dataset (row "
+            f"{bad[0][0]}: {bad[0][1]}); paths in a manifest must be relative to its folder"
+        )
+    return out
 
 
 def load_rows(data: str, augment_with: str | None = None) -> pd.DataFrame:
@@ -88,20 +115,42 @@ def training_data_hash(rows: pd.DataFrame) -> str:
 READ_CHUNK = 64  # files fetched at once by load_images
 
 
+def shorter_side(rows: pd.DataFrame) -> int:
+    """The shorter side the rows' images were ingested at; refuses a mix, which one model
+    cannot be trained on (its card records one normalisation for every input)."""
+    sides = pd.concat([rows["width"], rows["height"]], axis=1).min(axis=1).dropna()
+    found = sorted({int(v) for v in sides})
+    if len(found) != 1:
+        raise ValueError(
+            f"the images were ingested at shorter sides {found or 'unknown'}: one model needs "
+            "one; re-ingest them with the same --size"
+        )
+    return found[0]
+
+
 def load_images(
-    uris: list[str], size: int, progress: Callable[[int, int], None] | None = None
+    uris: list[str],
+    size: int,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    shorter_side: int | None = None,
+    max_bytes: int = DecodeConfig().max_bytes,
 ) -> torch.Tensor:
-    """Read and decode each image once: ``N×1×size×size`` uint8 (squash resize, antialiased).
+    """Read and decode each image once: ``N×1×size×size`` uint8 through the one preprocessing
+    path (:func:`covidray.preprocess.prepare_array`; ``shorter_side`` None: the files are
+    ingest's output already).
 
     Files are fetched ``READ_CHUNK`` at a time with :func:`covidray.storage.read_many`
-    (concurrent GETs on S3); an unreadable file raises."""
+    (concurrent GETs on S3), each one's size checked before its bytes are fetched; an
+    unreadable file, or one larger than ``max_bytes`` (:class:`covidray.storage.TooLarge`),
+    raises."""
     out = torch.empty((len(uris), 1, size, size), dtype=torch.uint8)
     for start in range(0, len(uris), READ_CHUNK):
-        blobs = storage.read_many(uris[start : start + READ_CHUNK])
+        blobs = storage.read_many(uris[start : start + READ_CHUNK], max_bytes=max_bytes)
         for i, data in enumerate(blobs, start):
             if isinstance(data, BaseException):
                 raise data
-            out[i] = unit_to_u8_tensor(to_model_input(decode_image(data), size))
+            out[i, 0] = torch.from_numpy(prepare_array(decode_array(data), size, shorter_side))
             if progress is not None:
                 progress(i + 1, len(uris))
     return out

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
+from .codec import u8_to_unit
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DecodeError",
@@ -369,9 +371,9 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
         img = img.convert("LA" if mode == "L" else "RGBA")
         mode = img.mode
     if mode == "L":
-        return _u8(np.asarray(img))
+        return u8_to_unit(np.asarray(img))
     if mode in ("RGB", "RGBX"):
-        return _u8(np.asarray(img.convert("L")))
+        return u8_to_unit(np.asarray(img.convert("L")))
     if mode in ("LA", "La"):
         la = np.asarray(img if mode == "LA" else img.convert("LA"))
         return _composite(la[..., 0], la[..., 1])
@@ -379,13 +381,7 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
         rgba = img if mode == "RGBA" else img.convert("RGBA")
         return _composite(np.asarray(rgba.convert("L")), np.asarray(rgba.getchannel("A")))
     # P without transparency, CMYK, YCbCr, LAB, HSV, ...
-    return _u8(np.asarray(img.convert("RGB").convert("L")))
-
-
-def _u8(arr: np.ndarray) -> np.ndarray:
-    out = arr.astype(np.float32)
-    out /= 255.0
-    return out
+    return u8_to_unit(np.asarray(img.convert("RGB").convert("L")))
 
 
 def _composite(lum: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -578,7 +574,9 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any) -> np.ndarray:
         if arr.shape[-1] != 3:
             raise DecodeError(_R.UNSUPPORTED, f"DICOM with {arr.shape[-1]} samples per pixel")
         if arr.dtype == np.uint8:  # 8-bit RGB: like an RGB image
-            return _u8(np.asarray(Image.fromarray(np.ascontiguousarray(arr), "RGB").convert("L")))
+            return u8_to_unit(
+                np.asarray(Image.fromarray(np.ascontiguousarray(arr), "RGB").convert("L"))
+            )
         rgb = arr.astype(np.float64)
         return _minmax(rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114)
     if arr.ndim != 2:

@@ -1,4 +1,5 @@
-"""DICOM header fields as plain values: patient, view, sex, age, study date, modality.
+"""DICOM header fields as plain values: patient, view, sex, age, study date, modality, body
+part.
 
 Only the header is read (no pixels). Values are parsed, never echoed into errors: a header
 element that cannot be decoded raises :class:`covidray.decode.DecodeError` naming only its type.
@@ -20,7 +21,8 @@ def dicom_tags(data: bytes) -> dict[str, Any]:
 
     Keys: ``patient_id`` (raw PatientID or None), ``view`` (ViewPosition), ``sex`` (PatientSex),
     ``age`` (float years from PatientAge such as ``045Y``/``006M``), ``study_date``
-    (``YYYY-MM-DD``), ``modality``; each None when absent, empty or unparseable.
+    (``YYYY-MM-DD``), ``modality``, ``body_part`` (BodyPartExamined); each None when absent,
+    empty or unparseable.
     """
     if len(data) == 0:
         raise DecodeError(DecodeReason.EMPTY, "no bytes")
@@ -36,6 +38,7 @@ def dicom_tags(data: bytes) -> dict[str, Any]:
                 "age": _parse_age(_text(ds, "PatientAge")),
                 "study_date": _parse_date(_text(ds, "StudyDate")),
                 "modality": _text(ds, "Modality"),
+                "body_part": _text(ds, "BodyPartExamined"),
             }
         except Exception as exc:  # an element that cannot be decoded; never quote its value
             raise DecodeError(

@@ -29,13 +29,18 @@ from .manifest import (
     errors_table,
     image_path,
     mask_path,
+    read_manifest,
     split_by_patient,
     to_table,
 )
 from .preprocess import resize_shorter_side
-from .pseudonyms import pseudonymize
+from .pseudonyms import patient_pseudonym, pseudonymize, safe_detail, shift_date, source_ref
+from .rowcheck import BadMetadata, check_row
 
 log = logging.getLogger(__name__)
+
+# Extra columns a layout fills itself (not copied from the source's metadata).
+LAYOUT_EXTRAS = frozenset({"source_split", "finding"})
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -74,6 +79,7 @@ def _ingest_one(
     """Read, decode, normalize and store one file: ``{"row": ...}`` or ``{"error": ...}``."""
     image_id = None
     try:
+        check_row({**item.meta, **item.extras}, item.extras)  # before any byte is read
         if storage.size(item.uri) > cfg.decode.max_bytes:
             raise Rejected("too_large", f"file larger than {cfg.decode.max_bytes} bytes")
         data = storage.read_bytes(item.uri)
@@ -100,6 +106,11 @@ def _ingest_one(
             )
         elif item.from_dicom:
             meta.setdefault("patient_id", f"{meta['source']}:{image_id[:20]}")
+        if key is not None:  # keyed: the layout's patient id too, and dates shifted per patient
+            if not item.from_dicom:  # DICOM's is keyed above
+                meta["patient_id"] = patient_pseudonym(str(meta["patient_id"]), key)
+            meta["study_date"] = shift_date(meta.get("study_date"), meta["patient_id"], key)
+        check_row(meta)  # with the DICOM header's fields
         orig_h, orig_w = image.shape
         stored = unit_to_u8(resize_shorter_side(image, cfg.size))
         storage.write_bytes(
@@ -118,7 +129,8 @@ def _ingest_one(
             "orig_height": int(meta.get("orig_height") or orig_h),
         }
         if item.mask_uri:
-            mask = decode_array(storage.read_bytes(item.mask_uri), max_pixels=cfg.decode.max_pixels)
+            mask_bytes = storage.read_bytes(item.mask_uri, max_bytes=cfg.decode.max_bytes)
+            mask = decode_array(mask_bytes, max_pixels=cfg.decode.max_pixels)
             if mask.shape != (orig_h, orig_w):
                 raise Rejected("bad_mask", f"mask is {mask.shape[::-1]}, image {(orig_w, orig_h)}")
             small = Image.fromarray(unit_to_u8(mask > 0.5), mode="L").resize(
@@ -131,12 +143,20 @@ def _ingest_one(
             row["mask_uri"] = mask_path(image_id)
         return {"row": row}
     except DecodeError as err:
-        return _error(item, err.reason.value, err.detail, image_id)
+        detail = err.detail if key is None else safe_detail(err, err.reason.value)
+        return _error(item, err.reason.value, detail, image_id)
     except Rejected as err:
         return _error(item, err.reason, err.detail, image_id)
+    except BadMetadata as err:
+        return _error(item, "bad_metadata", str(err), image_id)
+    except storage.TooLarge as err:  # the mask (the image's size was checked above)
+        return _error(item, "too_large", f"mask: {err}", image_id)
     except (OSError, ValueError) as err:
         # Storage or metadata problems with this one file; never the whole run.
-        return _error(item, "unreadable", f"{type(err).__name__}: {err}"[:300], image_id)
+        detail = f"{type(err).__name__}: {err}"[:300] if key is None else type(err).__name__
+        return _error(item, "unreadable", detail, image_id)
+    except Exception as err:  # anything else about this one file: its row, not the run's end
+        return _error(item, "failed", type(err).__name__, image_id)
 
 
 def ingest_chunk(
@@ -157,8 +177,33 @@ def _run_local(items, dest, cfg, key, progress: Progress | None) -> list[dict]:
 def _run_ray(items, dest, cfg, key, progress: Progress | None) -> list[dict]:
     from .runtime.cluster import map_chunks
 
+    def one_by_one(chunk: Sequence[SourceItem], err: Exception) -> list[dict]:
+        # The task failed as a whole (its worker died, its input did not unpickle, ...): each
+        # of its files again in a task of its own, so that only the file at fault is lost.
+        log.warning("ingest: a task of %d files failed (%s)", len(chunk), type(err).__name__)
+
+        def lost(single: Sequence[SourceItem], e: Exception) -> list[dict]:
+            return [_error(single[0], "failed", type(e).__name__, None)]
+
+        return map_chunks(ingest_chunk, [[it] for it in chunk], dest, cfg, key, on_error=lost)
+
     chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
-    return map_chunks(ingest_chunk, chunks, dest, cfg, key, progress=progress)
+    return map_chunks(ingest_chunk, chunks, dest, cfg, key, progress=progress, on_error=one_by_one)
+
+
+def stored_splits(manifest_uri: str) -> dict[str, str]:
+    """patient_id → split of a manifest written earlier at ``manifest_uri`` ({} if none): a
+    re-ingest keeps every known patient where it was."""
+    if not storage.exists(manifest_uri):
+        return {}
+    table = read_manifest(manifest_uri).select(["patient_id", "split"])
+    return {
+        p: s
+        for p, s in zip(
+            table.column("patient_id").to_pylist(), table.column("split").to_pylist(), strict=True
+        )
+        if p and s
+    }
 
 
 def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
@@ -179,9 +224,19 @@ def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
     )
     runner = _run_ray if len(items) > cfg.parallel_threshold else _run_local
     results = runner(items, cfg.dest, cfg, key, progress)
+    hide = key is not None and not cfg.keep_source_paths  # source paths can name patients
+    if hide:
+        for result in results:
+            record = result.get("row") or result["error"]
+            record["source_uri"] = source_ref(record["source_uri"], key)
 
     errors = [
-        {"source_uri": s.source_uri, "reason": s.reason, "detail": s.detail, "image_id": None}
+        {
+            "source_uri": source_ref(s.source_uri, key) if hide else s.source_uri,
+            "reason": s.reason,
+            "detail": s.detail,
+            "image_id": None,
+        }
         for s in layout.skipped
     ]
     rows: list[dict[str, Any]] = []
@@ -213,6 +268,7 @@ def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
         [r.get("label") for r in rows],
         [[r.get(c) for c in cfg.split.stratify if c != "label"] for r in rows],
         cfg.split,
+        known=stored_splits(storage.join(cfg.dest, MANIFEST_NAME)),
     )
     for row, split in zip(rows, splits, strict=True):
         row["split"] = split
@@ -220,7 +276,9 @@ def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
 
     manifest_uri = storage.join(cfg.dest, MANIFEST_NAME)
     errors_uri = storage.join(cfg.dest, ERRORS_NAME)
-    storage.write_parquet(to_table(rows, layout.extra_columns), manifest_uri)
+    # A source's own extra columns are kept verbatim, so with hidden paths only the layouts'.
+    extras = [c for c in layout.extra_columns if not hide or c in LAYOUT_EXTRAS]
+    storage.write_parquet(to_table(rows, extras), manifest_uri)
     storage.write_parquet(errors_table(errors), errors_uri)
 
     counts: dict[str, dict[str, int]] = {}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
+from .datapaths import OutsideDataset, resolve_inside
 from .labels import FOLDER_NAMES, normalize_label, normalize_subtype
 from .manifest import CSV_METADATA_COLUMNS, CSV_NAME, CSV_PATH_COLUMNS
 
@@ -181,7 +182,12 @@ def _manifest_csv(src: str, files: list[str]) -> Layout:
         if rel is None:
             skipped.append(Skipped(f"{manifest_uri}#L{i}", "bad_metadata", "empty image path"))
             continue
-        uri = storage.resolve(src, rel)
+        try:  # paths from the file stay inside the dataset
+            uri = resolve_inside(src, rel)
+        except OutsideDataset as err:
+            where = f"{manifest_uri}#L{i}"
+            skipped.append(Skipped(where, "bad_path", f"{path_col}: {err.reason}"))
+            continue
         if uri not in present:
             skipped.append(Skipped(uri, "missing_file", f"listed in manifest.csv line {i}"))
             continue
@@ -202,6 +208,11 @@ def _manifest_csv(src: str, files: list[str]) -> Layout:
         if "split" in row:
             extras["source_split"] = _str(row.get("split"))
         mask = _str(row.get("mask"))
+        try:
+            mask_uri = resolve_inside(src, mask) if mask else None
+        except OutsideDataset as err:
+            skipped.append(Skipped(f"{manifest_uri}#L{i}", "bad_path", f"mask: {err.reason}"))
+            continue
         items.append(
             SourceItem(
                 uri,
@@ -221,7 +232,7 @@ def _manifest_csv(src: str, files: list[str]) -> Layout:
                     "orig_height": _float(row.get("orig_height")),
                 },
                 extras=extras,
-                mask_uri=storage.resolve(src, mask) if mask else None,
+                mask_uri=mask_uri,
             )
         )
     return Layout("manifest", items, skipped, extra_columns)
@@ -273,7 +284,11 @@ def _ieee8023(src: str, files: list[str]) -> Layout:
         if name is None:
             skipped.append(Skipped(f"{meta_uri}#L{i}", "bad_metadata", "empty filename"))
             continue
-        uri = storage.resolve(src, f"{folder}/{name}")
+        try:
+            uri = resolve_inside(src, f"{folder}/{name}")
+        except OutsideDataset as err:
+            skipped.append(Skipped(f"{meta_uri}#L{i}", "bad_path", f"filename: {err.reason}"))
+            continue
         modality = (_str(row.get("modality")) or "X-ray").lower()
         view = _str(row.get("view"))
         if modality not in ("x-ray", "xray", "cr", "dx"):

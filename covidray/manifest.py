@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import hashlib
+import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -136,50 +137,41 @@ def split_by_patient(
     labels: Sequence[str | None],
     strata: Sequence[Sequence[Any]] | None = None,
     config: SplitConfig = SplitConfig(),
+    known: Mapping[str, str] | None = None,
 ) -> list[str | None]:
-    """Assign each row to train/val/test so that no patient is in two splits.
+    """Assign each labelled row to train/val/test so that no patient is in two splits and no
+    patient ever moves as the data grows.
 
-    Patients are grouped by stratum (by default the label and age group of their first
-    labelled row), shuffled with ``config.seed`` and handed out one by one to the split whose
-    image count lags its target fraction the most. Unlabelled rows get ``None``. The result
-    depends only on the rows and the seed, not on their order.
+    A patient listed in ``known`` (the splits of a manifest already written) keeps that split.
+    Every other patient draws a number in [0, 1) from a keyed hash (HMAC-SHA256, keyed by
+    ``config.seed``) of its stratum (by default the label and age group of its first labelled
+    row) and its id, and falls in the split whose share of [0, 1) holds it
+    (``config.fractions``). The draw depends on nothing but the patient: adding patients,
+    re-ordering rows or ingesting again never changes another patient's split, so a test
+    image of one model version cannot become a training image of the next. Unlabelled rows
+    get ``None``. Per stratum the shares are met on average, not exactly.
     """
+    known = known or {}
     n = len(patient_ids)
     strata = strata if strata is not None else [() for _ in range(n)]
-    images_per_patient: Counter[str] = Counter()
     patient_stratum: dict[str, tuple] = {}
     for pid, label, stratum in zip(patient_ids, labels, strata, strict=True):
         if label is None:
             continue
-        images_per_patient[pid] += 1
         key = (label, *tuple("" if s is None else str(s) for s in stratum))
         # A patient with rows of several strata is placed by its smallest stratum key.
         patient_stratum[pid] = min(patient_stratum.get(pid, key), key)
-
-    by_stratum: dict[tuple, list[str]] = defaultdict(list)
-    for pid in sorted(patient_stratum):
-        by_stratum[patient_stratum[pid]].append(pid)
-
-    rng = np.random.default_rng(config.seed)
-    fractions = np.asarray(config.fractions, dtype=float)
+    edges = np.cumsum(np.asarray(config.fractions, dtype=float))
+    secret = f"covidray-split-{config.seed}".encode()
     assignment: dict[str, str] = {}
-    for key in sorted(by_stratum):
-        patients = by_stratum[key]
-        order = rng.permutation(len(patients))
-        total = sum(images_per_patient[p] for p in patients)
-        counts = np.zeros(len(SPLITS))
-        for i in order:
-            pid = patients[i]
-            # Deficit against the target after adding this patient; ties go to train first.
-            deficit = fractions * total - counts
-            # Guarantee every split with a positive fraction one patient when there are enough.
-            empty = [s for s in range(len(SPLITS)) if counts[s] == 0 and fractions[s] > 0]
-            if empty and len(patients) >= np.count_nonzero(fractions) and counts.sum() > 0:
-                choice = empty[0]
-            else:
-                choice = int(np.argmax(deficit))
-            assignment[pid] = SPLITS[choice]
-            counts[choice] += images_per_patient[pid]
+    for pid, key in patient_stratum.items():
+        if known.get(pid) in SPLITS:
+            assignment[pid] = known[pid]
+            continue
+        message = "\x1f".join((*key, pid)).encode("utf-8")
+        draw = int.from_bytes(hmac.new(secret, message, hashlib.sha256).digest()[:8], "big")
+        u = draw / 2**64
+        assignment[pid] = SPLITS[min(int(np.searchsorted(edges, u, side="right")), len(SPLITS) - 1)]
     return [
         assignment.get(pid) if label is not None else None
         for pid, label in zip(patient_ids, labels, strict=True)

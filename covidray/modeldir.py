@@ -8,6 +8,8 @@ A classifier::
     <uri>/metrics.json          evaluation reports (EvalReport.to_json) per split
     <uri>/confusion.png         confusion matrix of the test split (val when there is none)
     <uri>/per_class.md          per-class and subgroup tables per split
+    <uri>/reliability.png       reliability diagram before and after calibration (when fitted)
+    <uri>/gate.safetensors      the input gate's feature statistics (when fitted)
 
 A CycleGAN generator::
 
@@ -16,8 +18,10 @@ A CycleGAN generator::
 
 The version (``model_version``, ``generator_version``) is the first 12 hex digits of the
 weights file's sha256; loading verifies the full digest, so a changed or corrupted weights
-file is refused with :class:`ModelLoadError`. The card is written last: a directory with a
-card is complete.
+file is refused with :class:`ModelLoadError`. A classifier's ``scoring_version`` hashes
+everything that changes its outputs besides the weights too (preprocessing, flip TTA,
+calibration, the gate and its statistics, :data:`SCORING_SCHEME`): the nightly job keys its
+rows by it. The card is written last: a directory with a card is complete.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__, storage
+from .calibration import UNCALIBRATED, Calibration
+from .gate import Gate
 from .labels import CLASSES
 
 if TYPE_CHECKING:
@@ -47,7 +53,11 @@ CARD_NAME = "model_card.json"
 METRICS_NAME = "metrics.json"
 CONFUSION_NAME = "confusion.png"
 PER_CLASS_NAME = "per_class.md"
-CARD_SCHEMA_VERSION = 1
+RELIABILITY_NAME = "reliability.png"
+CARD_SCHEMA_VERSION = 2
+# Bump when the code turns the same card and weights into different outputs (2: flip TTA
+# averages logits, then calibration and the input gate apply).
+SCORING_SCHEME = 2
 GENERATOR_WEIGHTS = "generator.safetensors"
 GENERATOR_CARD = "generator.json"
 
@@ -56,12 +66,27 @@ class ModelLoadError(RuntimeError):
     """A model directory could not be read, verified or loaded."""
 
 
+# What every model before the card recorded its preprocessing was trained with: ingest's
+# default shorter side and the methods of covidray.preprocess at the time.
+LEGACY_PREPROCESSING = {
+    "shorter_side": 256,
+    "bit_depth": 8,
+    "shorter_side_resample": "lanczos",
+    "square_resize": "bilinear+antialias",
+}
+
+
 class Preprocessing(BaseModel):
-    """How an image must be prepared for the model (see decode.py and preprocess.py)."""
+    """How an image must be prepared for the model (``covidray.preprocess``, which writes the
+    method fields from the code that applies them: :func:`covidray.preprocess.describe`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     input_size: int
+    shorter_side: int = LEGACY_PREPROCESSING["shorter_side"]  # ingest's normalisation
+    bit_depth: int = LEGACY_PREPROCESSING["bit_depth"]
+    shorter_side_resample: str = LEGACY_PREPROCESSING["shorter_side_resample"]
+    square_resize: str = LEGACY_PREPROCESSING["square_resize"]
     value_range: str = "decode_image: float [0, 1], 1×H×W"
     channels: str = "gray→3 replicated"
     resize: str = "squash bilinear antialias"
@@ -87,12 +112,48 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)  # split -> EvalReport.to_json()
     training: dict[str, Any] = Field(default_factory=dict)  # best epoch, history, wall time
     training_config: dict[str, Any] | None = None
+    calibration: Calibration | None = None  # None: a card from before calibration (T = 1)
+    gate: Gate | None = None  # the input gate's image layer; None: not fitted
+    # Fixed Grad-CAM scale of the COVID class (99th pct of its raw maps on val); None: unfitted
+    cam_covid_scale: float | None = None
+    lineage: list[dict[str, Any]] = Field(default_factory=list)  # parent models, nearest first
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     code_version: str = Field(default_factory=lambda: code_version())
 
+    @property
+    def effective_calibration(self) -> Calibration:
+        """The card's calibration, or temperature 1 for a card written before it."""
+        return self.calibration or UNCALIBRATED
+
+    @property
+    def scoring_version(self) -> str:
+        """12 hex digits over the weights and every card field that changes outputs."""
+        payload = {
+            "scheme": SCORING_SCHEME,
+            "weights": self.weights_sha256,
+            "classes": self.classes,
+            "preprocessing": self.preprocessing.model_dump(mode="json"),
+            "tta_hflip": self.tta_hflip,
+            "calibration": self.effective_calibration.model_dump(
+                mode="json", include={"method", "temperature", "scale", "bias"}
+            ),
+            "gate": None if self.gate is None else self.gate.model_dump(mode="json"),
+        }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
     @classmethod
-    def for_model(cls, model: CxrClassifier, input_size: int, **fields: Any) -> ModelCard:
-        """A card describing ``model``'s architecture and preprocessing."""
+    def for_model(
+        cls,
+        model: CxrClassifier,
+        input_size: int,
+        shorter_side: int = LEGACY_PREPROCESSING["shorter_side"],
+        **fields: Any,
+    ) -> ModelCard:
+        """A card describing ``model``'s architecture and preprocessing (``shorter_side``: of
+        the ingested data it was trained on)."""
+        from .preprocess import describe
+
         mean, std = model.normalization
         return cls(
             backbone=model.backbone_name,
@@ -103,6 +164,7 @@ class ModelCard(BaseModel):
             preprocessing=Preprocessing(
                 input_size=input_size,
                 normalization={"mean": list(mean), "std": list(std)},
+                **describe(shorter_side),
             ),
             **fields,
         )
@@ -161,11 +223,15 @@ def save_model_dir(
     card: ModelCard,
     uri: str,
     reports: dict[str, EvalReport] | None = None,
+    *,
+    gate_stats: bytes | None = None,
+    reliability_png: bytes | None = None,
 ) -> ModelCard:
     """Write a model directory at ``uri``; returns the card as saved (with model_version).
 
     ``reports`` (split -> EvalReport) go into metrics.json, per_class.md, confusion.png (test,
-    else val) and the card's ``metrics``.
+    else val) and the card's ``metrics``; ``gate_stats`` (``GateStats.to_bytes()``, with
+    ``card.gate`` set) into gate.safetensors, its digest into the card.
     """
     data = weights_bytes(model)
     v = _versioned(data)
@@ -173,12 +239,24 @@ def save_model_dir(
     metrics = dict(card.metrics)
     reports = reports or {}
     metrics.update({split: r.to_json() for split, r in reports.items()})
-    card = card.model_copy(
-        update={"model_version": v["version"], "weights_sha256": digest, "metrics": metrics}
-    )
+    update: dict[str, Any] = {
+        "model_version": v["version"],
+        "weights_sha256": digest,
+        "metrics": metrics,
+    }
+    if gate_stats is not None:
+        if card.gate is None:
+            raise ValueError("gate statistics without a gate in the card")
+        sha = hashlib.sha256(gate_stats).hexdigest()
+        update["gate"] = card.gate.model_copy(update={"stats_sha256": sha})
+    card = card.model_copy(update=update)
     ModelCard.model_validate(card.model_dump())  # fail before writing anything
     storage.makedirs(uri)
     storage.write_bytes(storage.join(uri, WEIGHTS_NAME), data)
+    if gate_stats is not None:
+        storage.write_bytes(storage.join(uri, card.gate.stats_file), gate_stats)
+    if reliability_png is not None:
+        storage.write_bytes(storage.join(uri, RELIABILITY_NAME), reliability_png)
     storage.write_text(storage.join(uri, METRICS_NAME), json.dumps(metrics, indent=2) + "\n")
     if reports:
         from .evaluation.artifacts import confusion_png, per_class_table_markdown
@@ -206,6 +284,13 @@ def read_card(uri: str) -> ModelCard:
         return ModelCard.model_validate_json(text)
     except ValidationError as e:
         raise ModelLoadError(f"{path} is not a valid model card: {e}") from None
+
+
+def read_gate_stats(uri: str, card: ModelCard) -> bytes | None:
+    """The verified bytes of the gate's statistics file, or None without a gate."""
+    if card.gate is None:
+        return None
+    return _read_verified(uri, card.gate.stats_file, card.gate.stats_sha256)
 
 
 def load_model_dir(

@@ -21,8 +21,9 @@ uses on its decode-once uint8 cache. Nothing here knows about Ray or HTTP.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ from torch import nn
 
 from .codec import u8_to_unit_tensor, unit_to_u8_tensor
 from .explain import GradCAM, cam_summary, normalize_cam
-from .modeldir import ModelCard, load_model_dir
+from .gate import FEATURE_LAYER, GateStats
+from .modeldir import ModelCard, load_model_dir, read_gate_stats
 from .preprocess import to_model_input
 from .runtime.threads import physical_cores
 
@@ -47,33 +49,75 @@ ImageBatch = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 
 def fold_batchnorm(model: torch.nn.Module) -> int:
-    """Fold each eval-mode ``BatchNorm2d`` into the ``Conv2d`` right before it in the same
-    ``nn.Sequential`` (torchvision's Conv-BN-activation blocks); the BN becomes ``Identity``.
+    """Fold each eval-mode BatchNorm into the convolution right before it: consecutive children
+    of an ``nn.Sequential`` (torchvision's Conv-BN-activation blocks; the Lite0 trunk's
+    ``conv_stem, bn1`` and ``conv_head, bn2``) and the named pairs of timm's EfficientNet blocks
+    (``conv_dw``/``bn1``, ``conv_pw``/``bn2``, ...). A ``BatchNorm2d`` becomes ``Identity``;
+    timm's ``BatchNormAct2d`` (batch norm, dropout and activation in one module) becomes its
+    dropout and activation alone, under the same name.
 
-    Inference only: outputs change by float rounding (~1e-8), module names stay (hooks on a
-    block still see the block's output). Subclasses such as timm's ``BatchNormAct2d`` are left
-    alone. Returns the number of folded pairs.
+    Inference only: outputs change by float rounding (~1e-6 of the logits), module names stay
+    (hooks on a block or on a ``BatchNormAct2d`` still see its output). Returns the number of
+    folded pairs.
     """
     from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     folded = 0
-    for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:], strict=False):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if (
-                type(conv) is nn.Conv2d
-                and type(bn) is nn.BatchNorm2d
-                and bn.track_running_stats
-                and not (conv.training or bn.training)
-            ):
-                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
-                seq._modules[b] = nn.Identity()
-                folded += 1
+    for parent in list(model.modules()):
+        for a, b in _conv_bn_pairs(parent):
+            conv, bn = parent._modules.get(a), parent._modules.get(b)
+            if not _foldable(conv, bn):
+                continue
+            parent._modules[a] = fuse_conv_bn_eval(conv, bn)
+            rest = [getattr(bn, "drop", None), getattr(bn, "act", None)]
+            rest = [m for m in rest if m is not None and not isinstance(m, nn.Identity)]
+            parent._modules[b] = (
+                nn.Identity() if not rest else rest[0] if len(rest) == 1 else nn.Sequential(*rest)
+            )
+            folded += 1
     return folded
+
+
+# Conv → BN pairs inside timm's EfficientNet blocks, by attribute name (their forward order).
+_TIMM_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "DepthwiseSeparableConv": (("conv_s2d", "bn_s2d"), ("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": (
+        ("conv_s2d", "bn_s2d"),
+        ("conv_pw", "bn1"),
+        ("conv_dw", "bn2"),
+        ("conv_pwl", "bn3"),
+    ),
+    "EdgeResidual": (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
+    "ConvBnAct": (("conv", "bn1"),),
+}
+
+
+def _conv_bn_pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    if isinstance(parent, nn.Sequential):
+        names = list(parent._modules)
+        return list(zip(names, names[1:], strict=False))
+    if type(parent).__module__.startswith("timm."):
+        return list(_TIMM_PAIRS.get(type(parent).__name__, ()))
+    return []
+
+
+def _foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:
+    """A plain (or timm "same"-padded) Conv2d followed by an eval-mode BatchNorm2d or timm
+    BatchNormAct2d with running statistics."""
+    conv_ok = type(conv) is nn.Conv2d or (
+        isinstance(conv, nn.Conv2d) and type(conv).__name__ == "Conv2dSame"
+    )
+    bn_ok = type(bn) is nn.BatchNorm2d or (
+        isinstance(bn, nn.BatchNorm2d) and type(bn).__name__ == "BatchNormAct2d"
+    )
+    return (
+        conv_ok
+        and bn_ok
+        and bn.track_running_stats
+        and bn.running_mean is not None
+        and not (conv.training or bn.training)
+    )
 
 
 def default_device() -> torch.device:
@@ -84,8 +128,8 @@ def default_device() -> torch.device:
 class Prediction:
     """One image's result (see :class:`BatchPrediction` for the fields)."""
 
-    probs: np.ndarray  # (K,) float32
-    label: str
+    probs: np.ndarray  # (K,) float32, calibrated
+    label: str | None  # None: out of scope for the input gate
     cam_class: str
     model_version: str
     classes: tuple[str, ...]
@@ -94,6 +138,9 @@ class Prediction:
     cam_peak_y: float | None = None
     cam_peak_x: float | None = None
     cam_border_energy: float | None = None
+    in_scope: bool = True
+    gate_reason: str | None = None
+    ood_score: float | None = None
 
     def prob(self, name: str) -> float:
         return float(self.probs[self.classes.index(name)])
@@ -104,6 +151,9 @@ class Prediction:
             "label": self.label,
             "probs": {c: float(p) for c, p in zip(self.classes, self.probs, strict=True)},
             "model_version": self.model_version,
+            "in_scope": self.in_scope,
+            "gate_reason": self.gate_reason,
+            "ood_score": self.ood_score,
         }
         if self.cam_raw is not None:
             out["cam"] = {
@@ -121,18 +171,28 @@ class Prediction:
 class BatchPrediction:
     """Results for a batch of ``B`` images (numpy, on the CPU).
 
-    ``probs`` (B, K) float32 softmax; ``labels`` the argmax class names; ``cam_class_idx`` (B,)
-    the class each map explains (the predicted one unless asked otherwise). With CAMs:
-    ``cam_raw`` (B, h, w) uint8, the raw Grad-CAM at the target layer's resolution divided by
-    its per-image maximum; ``cam_area``, ``cam_peak_y``, ``cam_peak_x``, ``cam_border_energy``
-    (B,) float32 from :func:`covidray.explain.cam_summary` of the map upsampled to the input.
+    ``probs`` (B, K) float32: the softmax of the calibrated, flip-averaged logits; ``logits``
+    (B, K) the flip-averaged logits before calibration; ``labels`` the argmax class names, None
+    where the input gate refuses the image (``in_scope`` (B,) bool, ``gate_reason``,
+    ``ood_score`` (B,) float64 or None without a gate); ``cam_class_idx`` (B,) the class each
+    map explains (the predicted one unless asked otherwise). With CAMs: ``cam_raw`` (B, h, w)
+    uint8, the raw Grad-CAM at the target layer's resolution divided by its per-image maximum;
+    ``cam_area``, ``cam_peak_y``, ``cam_peak_x``, ``cam_border_energy`` (B,) float32 from
+    :func:`covidray.explain.cam_summary` of the map upsampled to the input. ``features``
+    (B, D): the pooled features, when asked for.
     """
 
     probs: np.ndarray
-    labels: list[str]
+    labels: list[str | None]
     cam_class_idx: np.ndarray
     model_version: str
     classes: tuple[str, ...]
+    logits: np.ndarray
+    in_scope: np.ndarray
+    gate_reason: list[str | None]
+    scoring_version: str = ""
+    ood_score: np.ndarray | None = None
+    features: np.ndarray | None = None
     cam_raw: np.ndarray | None = None
     cam_area: np.ndarray | None = None
     cam_peak_y: np.ndarray | None = None
@@ -157,10 +217,28 @@ class BatchPrediction:
             cam_peak_y=pick(self.cam_peak_y),
             cam_peak_x=pick(self.cam_peak_x),
             cam_border_energy=pick(self.cam_border_energy),
+            in_scope=bool(self.in_scope[i]),
+            gate_reason=self.gate_reason[i],
+            ood_score=pick(self.ood_score),
         )
 
     def __iter__(self) -> Iterator[Prediction]:
         return (self[i] for i in range(len(self)))
+
+    @classmethod
+    def concat(cls, parts: Sequence[BatchPrediction]) -> BatchPrediction:
+        """One BatchPrediction of consecutive batches' results (same model)."""
+        first = parts[0]
+        merged: dict[str, Any] = {}
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            if isinstance(values[0], np.ndarray):
+                merged[f.name] = np.concatenate(values)
+            elif isinstance(values[0], list):
+                merged[f.name] = [v for part in values for v in part]
+            else:  # per-model values, or None for a field no batch has
+                merged[f.name] = getattr(first, f.name)
+        return cls(**merged)
 
 
 class Predictor:
@@ -168,7 +246,10 @@ class Predictor:
 
     Args:
         model: a :class:`covidray.models.CxrClassifier` (put in eval mode here).
-        card: its :class:`ModelCard` (classes, input size, version, flip TTA).
+        card: its :class:`ModelCard` (classes, input size, version, flip TTA, calibration,
+            input gate).
+        gate_stats: the gate's feature statistics (``from_dir`` reads them); without them
+            every image is in scope and ``ood_score`` is None.
         device: ``None`` picks CUDA when available, else the CPU.
         compile: ``torch.compile`` the backbone stages below the Grad-CAM target layer (the
             target layer and the head stay eager, so the CAM hook works unchanged).
@@ -195,6 +276,7 @@ class Predictor:
         cam_threshold: float = 0.5,
         cam_border: float = 0.10,
         copy: bool = True,
+        gate_stats: GateStats | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         if threads is None and self.device.type == "cpu":
@@ -206,7 +288,11 @@ class Predictor:
         self.classes: tuple[str, ...] = tuple(card.classes)
         self.input_size = int(card.preprocessing.input_size)
         self.model_version = card.model_version
+        self.scoring_version = card.scoring_version
         self.tta_hflip = bool(card.tta_hflip)
+        self.calibration = card.effective_calibration
+        self.gate = card.gate if gate_stats is not None else None
+        self.gate_stats = gate_stats
         self.channels_last = channels_last
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
         self.amp_dtype = (
@@ -226,6 +312,8 @@ class Predictor:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._cam = GradCAM(model)
+        layer = self.gate.feature_layer if self.gate is not None else FEATURE_LAYER
+        self._feature_layer = model.get_submodule(layer)
         self.compiled = False
         if compile:
             self._compile_below_target()
@@ -241,7 +329,9 @@ class Predictor:
     ) -> Predictor:
         """Load the model directory ``uri`` (local or s3://; weights verified) onto ``device``."""
         model, card = load_model_dir(uri)
+        stats = read_gate_stats(uri, card)
         kwargs.setdefault("copy", False)
+        kwargs.setdefault("gate_stats", GateStats.from_bytes(stats) if stats else None)
         return cls(model, card, device=device, compile=compile, amp=amp, **kwargs)
 
     def _compile_below_target(self) -> None:
@@ -301,56 +391,118 @@ class Predictor:
         images: ImageBatch,
         with_cam: bool = True,
         class_idx: int | Sequence[int] | None = None,
+        *,
+        return_features: bool = False,
     ) -> BatchPrediction:
-        """Probabilities, labels and (with ``with_cam``) Grad-CAM for a batch of images.
+        """Probabilities, labels, the input gate's verdict and (with ``with_cam``) Grad-CAM for
+        a batch of images.
 
-        ``class_idx`` chooses the class the maps explain (``None``: the predicted one). When
-        the model card asks for flip TTA, probabilities average the image and its mirror and
-        the map explains the class predicted from that average, on the unflipped image.
+        With flip TTA (the card's ``tta_hflip``) the logits of the image and its mirror are
+        averaged, then calibrated (the card's temperature), then softmaxed; the map explains
+        ``class_idx`` (``None``: the class predicted from that average) on the unflipped
+        image, whose pooled features also feed the gate.
         """
         x = self.prepare(images)
+        feats: list[torch.Tensor] = []
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             flipped = None
             if self.tta_hflip:
                 with torch.inference_mode():
-                    flipped = self.model(x.flip(-1)).float().softmax(dim=1)
-            if not with_cam:
-                with torch.inference_mode():
-                    probs = self.model(x).float().softmax(dim=1)
-                if flipped is not None:
-                    probs = 0.5 * (probs + flipped)
-                pred = probs.argmax(dim=1)
-                return self._result(probs, pred, pred)
-            res = self._cam(x, class_idx=class_idx)
-            probs = res.probs if flipped is None else 0.5 * (res.probs + flipped)
+                    flipped = self.model(x.flip(-1)).float()
+            with self._capture(feats, self.gate is not None or return_features):
+                if with_cam:
+                    res = self._cam(x, class_idx=class_idx)
+                    logits = res.logits.float()
+                else:
+                    with torch.inference_mode():
+                        logits = self.model(x).float()
+            avg = logits if flipped is None else 0.5 * (logits + flipped)
+            probs = self.calibration.apply(avg).softmax(dim=1)
             pred = probs.argmax(dim=1)
-            if class_idx is None and flipped is not None and bool((pred != res.class_idx).any()):
+            if with_cam and class_idx is None and bool((pred != res.class_idx).any()):
                 # The averaged prediction differs from the unflipped one: explain it instead.
                 res = self._cam(x, class_idx=pred)
-        maps = normalize_cam(res.raw)
-        summary = cam_summary(res.cam, threshold=self.cam_threshold, border=self.cam_border)
+        features = feats[0].cpu().numpy() if feats else None
+        cam: dict[str, Any] = {}
+        if with_cam:
+            summary = cam_summary(res.cam, threshold=self.cam_threshold, border=self.cam_border)
+            cam = {
+                "cam_raw": unit_to_u8_tensor(normalize_cam(res.raw)).cpu().numpy(),
+                **{f"cam_{k}": v.float().cpu().numpy() for k, v in summary.items()},
+            }
         return self._result(
             probs,
+            avg,
             pred,
-            res.class_idx,
-            cam_raw=unit_to_u8_tensor(maps).cpu().numpy(),
-            **{f"cam_{k}": v.float().cpu().numpy() for k, v in summary.items()},
+            res.class_idx if with_cam else pred,
+            features,
+            return_features,
+            **cam,
         )
+
+    @contextmanager
+    def _capture(self, into: list[torch.Tensor], enabled: bool) -> Iterator[None]:
+        """Collect the feature layer's output (detached, float32) during the block."""
+        if not enabled:
+            yield
+            return
+
+        def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+            into.append(output.detach().float().flatten(1))
+
+        handle = self._feature_layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def predict_many(
+        self, images: torch.Tensor | np.ndarray, batch_size: int = 64, **kwargs: Any
+    ) -> BatchPrediction:
+        """:meth:`predict` over ``images`` (``N×1×H×W``) in batches of ``batch_size``."""
+        parts = [
+            self.predict(images[i : i + batch_size], **kwargs)
+            for i in range(0, len(images), batch_size)
+        ]
+        if not parts:
+            raise ValueError("no images to predict")
+        return BatchPrediction.concat(parts)
 
     def predict_one(self, image: torch.Tensor | np.ndarray, with_cam: bool = True) -> Prediction:
         """One ``1×H×W`` (or ``H×W``) image."""
         return self.predict([image], with_cam=with_cam)[0]
 
     def _result(
-        self, probs: torch.Tensor, pred: torch.Tensor, explained: torch.Tensor, **cam: Any
+        self,
+        probs: torch.Tensor,
+        logits: torch.Tensor,
+        pred: torch.Tensor,
+        explained: torch.Tensor,
+        features: np.ndarray | None,
+        keep_features: bool,
+        **cam: Any,
     ) -> BatchPrediction:
         pred_np = pred.cpu().numpy()
+        n = len(pred_np)
+        ood = None
+        in_scope = np.ones(n, dtype=bool)
+        if self.gate is not None and self.gate_stats is not None and features is not None:
+            ood = self.gate_stats.score(features)
+            in_scope = ood <= self.gate.threshold
         return BatchPrediction(
             probs=probs.float().cpu().numpy(),
-            labels=[self.classes[i] for i in pred_np],
+            labels=[
+                self.classes[i] if ok else None for i, ok in zip(pred_np, in_scope, strict=True)
+            ],
             cam_class_idx=explained.cpu().numpy(),
             model_version=self.model_version,
             classes=self.classes,
+            logits=logits.float().cpu().numpy(),
+            in_scope=in_scope,
+            gate_reason=[None if ok else "ood_image" for ok in in_scope],
+            scoring_version=self.scoring_version,
+            ood_score=ood,
+            features=features if keep_features else None,
             **cam,
         )
 
@@ -371,7 +523,9 @@ def predict_probs(
 ) -> np.ndarray:
     """Softmax probabilities ``(N, C)`` for cached uint8 images, model in eval mode.
 
-    With ``tta_hflip`` the probabilities of each image and its mirror image are averaged.
+    With ``tta_hflip`` the logits of each image and its mirror image are averaged before the
+    softmax, as :meth:`Predictor.predict` does (without its calibration: this is the raw model
+    that training validates).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -384,12 +538,12 @@ def predict_probs(
             )
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                p = model(x).float().softmax(-1)
+                z = model(x).float()
                 if tta_hflip:
-                    p = 0.5 * (p + model(x.flip(-1)).float().softmax(-1))
-            out.append(p.cpu())
+                    z = 0.5 * (z + model(x.flip(-1)).float())
+            out.append(z.softmax(-1).cpu())
     finally:
         model.train(was_training)
     if not out:
-        return np.zeros((0, 0), dtype=np.float32)
+        return np.zeros((0, getattr(model, "num_classes", 0)), dtype=np.float32)  # an empty shard
     return torch.cat(out).numpy()

@@ -1,19 +1,61 @@
-"""From a decoded film to the model's input.
+"""From image bytes to the model's input: the one preprocessing path of every entry point.
 
-Decoded images are ``H×W`` floats in [0, 1] (see ``decode.py``). Ingest stores each film
-resized to a fixed shorter side (:func:`resize_shorter_side`, Lanczos) at 8 bits; the model
-then sees the whole film squashed to ``size×size`` (:func:`to_model_input`), with intensity
-scaling only; normalization to the backbone's mean and std happens inside the model.
+1. decode (``decode.py``): ``H×W`` floats in [0, 1];
+2. normalize the film as ingest stores it (:func:`normalize_film`): resized so its shorter side
+   is the card's ``shorter_side`` (Lanczos, in float), then 8 bits;
+3. the square resize to the model's input size (:func:`model_input_u8`, antialiased
+   bilinear), kept as 8 bits; the model divides by 255 and normalizes (mean/std) inside.
+
+Training and ``evaluate`` read ingest's output, for which step 2 changes nothing; ``covidray
+score`` on raw files and the HTTP endpoint run all three steps on the original bytes
+(:func:`prepare_bytes`), so a full-resolution or 16-bit film gets the pixels it would have had
+through ingest. The parameters go into the model card from the constants used here
+(:func:`describe`), and :func:`check_card` refuses a card whose recorded methods this code does
+not apply.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .codec import u8_to_unit, unit_to_u8, unit_to_u8_tensor
+from .decode import DEFAULT_MAX_PIXELS, decode_array
+
+if TYPE_CHECKING:
+    from .modeldir import Preprocessing
+
 DEFAULT_SIZE = 224
+SHORTER_SIDE_RESAMPLE = Image.Resampling.LANCZOS
+SQUARE_MODE = "bilinear"
+SQUARE_ANTIALIAS = True
+BIT_DEPTH = 8  # of the stored film and of the model input cache (uint8)
+
+
+def describe(shorter_side: int) -> dict[str, Any]:
+    """This code's preprocessing parameters, as a model card records them."""
+    return {
+        "shorter_side": shorter_side,
+        "bit_depth": BIT_DEPTH,
+        "shorter_side_resample": SHORTER_SIDE_RESAMPLE.name.lower(),
+        "square_resize": SQUARE_MODE + ("+antialias" if SQUARE_ANTIALIAS else ""),
+    }
+
+
+def check_card(prep: Preprocessing) -> None:
+    """Refuse a card whose recorded methods differ from what this code applies."""
+    ours = describe(prep.shorter_side)
+    theirs = {k: getattr(prep, k) for k in ours}
+    if theirs != ours:
+        diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+        raise ValueError(
+            f"the model was trained with other preprocessing than this code applies "
+            f"(card, code): {diff}"
+        )
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -23,7 +65,7 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
         return image
     scale = size / min(h, w)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image, mode="F").resize(new, Image.Resampling.LANCZOS))
+    return np.asarray(Image.fromarray(image, mode="F").resize(new, SHORTER_SIDE_RESAMPLE))
 
 
 def to_model_input(image: torch.Tensor, size: int = DEFAULT_SIZE) -> torch.Tensor:
@@ -33,7 +75,34 @@ def to_model_input(image: torch.Tensor, size: int = DEFAULT_SIZE) -> torch.Tenso
     x = x.float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(
-            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            x, size=(size, size), mode=SQUARE_MODE, align_corners=False, antialias=SQUARE_ANTIALIAS
         )
         x = x.clamp_(0.0, 1.0)
     return x if batched else x.squeeze(0)
+
+
+def normalize_film(image: np.ndarray, shorter_side: int) -> np.ndarray:
+    """A decoded ``H×W`` float film as ingest stores it: shorter side ``shorter_side``, uint8."""
+    return unit_to_u8(resize_shorter_side(image, shorter_side))
+
+
+def model_input_u8(film: np.ndarray, size: int) -> np.ndarray:
+    """An 8-bit film → the model's ``size×size`` uint8 input."""
+    x = to_model_input(torch.from_numpy(u8_to_unit(film))[None], size)
+    return unit_to_u8_tensor(x)[0].numpy()
+
+
+def prepare_array(image: np.ndarray, size: int, shorter_side: int | None) -> np.ndarray:
+    """A decoded float film → the model's ``size×size`` uint8 input; ``shorter_side`` None
+    skips the ingest normalisation (the film is ingest's output already)."""
+    film = unit_to_u8(image) if shorter_side is None else normalize_film(image, shorter_side)
+    return model_input_u8(film, size)
+
+
+def prepare_bytes(
+    data: bytes, prep: Preprocessing, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Raw image bytes (any format ``decode`` takes) → the ``S×S`` uint8 input of the model
+    whose card says ``prep``. Raises :class:`covidray.decode.DecodeError` for bad bytes."""
+    image = decode_array(data, max_pixels=max_pixels)
+    return prepare_array(image, prep.input_size, prep.shorter_side)

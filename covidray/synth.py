@@ -54,6 +54,7 @@ from .codec import encode_png
 from .manifest import CSV_COLUMNS, CSV_NAME
 
 KINDS: tuple[str, ...] = ("covid", "bacterial", "viral", "normal")
+STYLES: tuple[str, ...] = ("a", "b")  # the default look, and another site's processing
 SOURCE_REPO = "covidray/synth"
 MASK_THRESHOLD = 0.2  # share of the lesion's peak opacity that counts as lesion
 AP_SHARE = 0.2  # share of studies taken AP rather than PA (independent of the class)
@@ -479,8 +480,14 @@ def _render(
     size: int,
     extent: float = 1.0,
     view: str = "PA",
+    style: str = "a",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render from four seeds: (anatomy, pose, lesion, noise). Returns (image, mask, lungs)."""
+    """Render from four seeds: (anatomy, pose, lesion, noise). Returns (image, mask, lungs).
+
+    ``style`` "b" is another site's look (:data:`STYLES`): a brighter gamma and strong edge
+    enhancement, as some vendors' processing gives; the anatomy and lesions are the same."""
+    if style not in STYLES:
+        raise ValueError(f"unknown phantom style {style!r}; expected one of {STYLES}")
     if kind not in KINDS:
         raise ValueError(f"unknown phantom kind {kind!r}; expected one of {KINDS}")
     if size < 32:
@@ -501,6 +508,9 @@ def _render(
     bright = nrng.uniform(-12.0, 12.0)
     img = (img - 110.0) * contrast + 110.0 + bright
     img = 255.0 * (np.clip(img, 0.0, 255.0) / 255.0) ** nrng.uniform(0.9, 1.1)
+    if style == "b":  # another site: brighter gamma, unsharp-mask edge enhancement
+        img = 255.0 * (np.clip(img, 0.0, 255.0) / 255.0) ** 0.75
+        img = img + 1.0 * (img - _blur(img, 3.0 * size / 256))
     # quantum (signal-dependent) noise plus fine film grain
     sigma = 1.5 + 0.3 * np.sqrt(np.clip(img, 0.0, None))
     img = img + sigma * nrng.standard_normal(img.shape, dtype=np.float32)
@@ -608,6 +618,7 @@ def write_phantoms(
     seed: int = 0,
     size: int = 256,
     progress: Callable[[int], None] | None = None,
+    style: str = "a",
 ) -> str:
     """Write ``n_per_class`` phantoms per class (covid, pneumonia, normal) under ``dest``.
 
@@ -615,8 +626,9 @@ def write_phantoms(
     (bacterial gets the odd one). Every ``SERIES_EVERY``-th covid and bacterial patient gets a
     progression series (2 or 3 studies on different ``study_day`` values, same patient). The
     manifest is written last, so a dataset with a manifest is complete. ``progress(k)`` is
-    called after each image with the number of images written so far. Returns the URI of
-    ``manifest.csv``.
+    called after each image with the number of images written so far. ``style`` "b" renders
+    another site's look (see :func:`_render`); its ``source`` is ``phantom-b``. Returns the URI
+    of ``manifest.csv``.
     """
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be at least 1, got {n_per_class}")
@@ -630,7 +642,12 @@ def write_phantoms(
     writer.writeheader()
     for k, st in enumerate(studies, start=1):
         image, mask, _ = _render(
-            _KIND_OF_SUBTYPE[st.subtype], st.seeds, size, extent=st.extent, view=st.view
+            _KIND_OF_SUBTYPE[st.subtype],
+            st.seeds,
+            size,
+            extent=st.extent,
+            view=st.view,
+            style=style,
         )
         image_rel = f"images/{st.label}/{st.name}.png"
         mask_rel = f"masks/{st.label}/{st.name}_mask.png"
@@ -649,6 +666,7 @@ def write_phantoms(
                 "sex": st.sex,
                 "study_day": "" if st.study_day is None else st.study_day,
                 "source_repo": SOURCE_REPO,
+                "source": "phantom" if style == "a" else f"phantom-{style}",
                 "mask": mask_rel,
             }
         )

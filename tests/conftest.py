@@ -19,6 +19,8 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("RAY_ADDRESS", None)
+# Every Ray a test starts (the session's, `ray start` nodes) lives on 127.0.0.1 only.
+os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
 
 SHARED_CXR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
 

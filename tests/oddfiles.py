@@ -33,6 +33,7 @@ DICOM_TAGS = {
     "age": 45.0,
     "study_date": "2020-03-15",
     "modality": "DX",
+    "body_part": "CHEST",
 }
 
 

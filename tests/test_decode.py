@@ -431,7 +431,12 @@ def test_dicom_age_parsing(age: str, years: float | None) -> None:
 
 def test_dicom_tags_missing_and_invalid_fields() -> None:
     data = _gradient_dicom(
-        _ramp12(), ViewPosition="", PatientSex="", StudyDate="20201350", PatientID=""
+        _ramp12(),
+        ViewPosition="",
+        PatientSex="",
+        StudyDate="20201350",
+        PatientID="",
+        BodyPartExamined="",
     )
     tags = dicom_tags(data)
     assert tags == {
@@ -441,6 +446,7 @@ def test_dicom_tags_missing_and_invalid_fields() -> None:
         "age": 45.0,
         "study_date": None,
         "modality": "DX",
+        "body_part": None,
     }
     legacy = dicom_tags(_gradient_dicom(_ramp12(), StudyDate="1999.12.31", ViewPosition="AP"))
     assert legacy["study_date"] == "1999-12-31" and legacy["view"] == "AP"

@@ -17,6 +17,7 @@ from covidray.config import IngestConfig
 from covidray.ingest import ingest
 from covidray.layouts import LayoutError, detect, ieee8023_finding, kaggle_patient
 from covidray.manifest import read_manifest
+from covidray.pseudonyms import shift_date
 
 
 def _png(seed: int, size=(40, 32)) -> bytes:
@@ -242,7 +243,9 @@ def test_dicom_folder_pseudonymizes_and_never_logs_ids(tmp_path: Path, caplog, c
     with pytest.MonkeyPatch.context() as mp:
         for k, v in key_env.items():
             mp.setenv(k, v)
-        assert main(["-v", "ingest", str(src), dest, "--labels", str(labels)]) == 0
+        # --keep-source-paths: this test finds rows by file name (tests/test_privacy.py: without)
+        argv = ["-v", "ingest", str(src), dest, "--labels", str(labels), "--keep-source-paths"]
+        assert main(argv) == 0
     rows = {Path(r["source_uri"]).name: r for r in _rows(dest)}
     assert set(rows) == {"1.dcm", "2.dcm", "3"}
     assert rows["1.dcm"]["patient_id"] == rows["2.dcm"]["patient_id"] != rows["3"]["patient_id"]
@@ -250,7 +253,10 @@ def test_dicom_folder_pseudonymizes_and_never_logs_ids(tmp_path: Path, caplog, c
     assert rows["1.dcm"]["label"] == "covid" and rows["3"]["label"] == "normal"
     assert rows["2.dcm"]["label"] is None and rows["2.dcm"]["split"] is None  # unlabelled
     assert rows["1.dcm"]["view"] == "PA" and rows["1.dcm"]["age"] == 45
-    assert rows["1.dcm"]["study_date"] == "2020-03-21" and rows["1.dcm"]["age_group"] == "adult"
+    # The study date moves back by the patient's keyed shift (tests/test_privacy.py).
+    shifted = shift_date("2020-03-21", rows["1.dcm"]["patient_id"], b"site-secret")
+    assert rows["1.dcm"]["study_date"] == shifted != "2020-03-21"
+    assert rows["1.dcm"]["age_group"] == "adult"
     errors = {Path(e["source_uri"]).name: e["reason"] for e in _errors(dest)}
     assert errors == {"notes.txt": "not_an_image"}
     everything = (

@@ -20,8 +20,10 @@ CONFIG_MODULES = (
     "covidray.evaluation.config",
     "covidray.gan.config",
     "covidray.report.config",
+    "covidray.runtime.config",
     "covidray.score.config",
     "covidray.train.config",
+    "serving.config",
 )
 
 

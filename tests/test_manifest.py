@@ -34,11 +34,13 @@ def test_no_patient_in_two_splits_and_fractions() -> None:
         per_patient.setdefault(pid, set()).add(split)
     assert all(len(s) == 1 for s in per_patient.values())
     assert splits[-1] is None  # unlabelled rows are not split
-    counts = Counter(s for s in splits if s)
+    # Patients are drawn independently: the shares of ~170 patients are within a few points.
+    first = {pid: split for pid, split in zip(pids, splits, strict=True) if split}
+    counts = Counter(first.values())
     n = sum(counts.values())
-    assert abs(counts["train"] / n - 0.70) < 0.03
-    assert abs(counts["val"] / n - 0.15) < 0.03
-    assert abs(counts["test"] / n - 0.15) < 0.03
+    assert abs(counts["train"] / n - 0.70) < 0.07
+    assert abs(counts["val"] / n - 0.15) < 0.06
+    assert abs(counts["test"] / n - 0.15) < 0.06
     # every (label, age group) stratum is present in every split
     for label in ("covid", "pneumonia", "normal"):
         for age in ("adult", "child"):
@@ -82,3 +84,16 @@ def test_to_table_types_and_extras() -> None:
     assert table.schema.names[: len(CORE_COLUMNS)] == list(CORE_COLUMNS)
     assert table.column("license_note").to_pylist() == ["cc"]
     assert table.column("split").to_pylist() == [None]
+
+
+def test_growing_the_data_never_moves_a_patient() -> None:
+    """New patients, another row order, a second ingest with the stored splits: nobody moves."""
+    pids, labels, strata = _cohort()
+    before = dict(zip(pids, split_by_patient(pids, labels, strata), strict=True))
+    more = [f"new:{i}" for i in range(20)]
+    grown = split_by_patient(pids + more, labels + ["covid"] * 20, strata + [["adult"]] * 20)
+    assert dict(zip(pids, grown[: len(pids)], strict=True)) == before
+    # A stored split wins over the draw (a manifest from an older version of the rule).
+    flipped = {p: ("test" if s == "train" else "train") for p, s in before.items() if s}
+    kept = split_by_patient(pids, labels, strata, known=flipped)
+    assert all(flipped[p] == s for p, s in zip(pids, kept, strict=True) if s)

@@ -85,6 +85,8 @@ def test_zero_division_gives_zero():
         "recall": 0.0,
         "f1": 0.0,
         "support": 0,
+        "precision_ci": None,  # no denominator, no interval
+        "recall_ci": None,
     }
 
 
@@ -118,16 +120,29 @@ def test_ece_bin_edges_and_extremes():
         expected_calibration_error(np.array([[2.5, -1.0, 0.3]]), [0])
 
 
-def _flag_case(n_source_a: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Source A: 8 non-covid (4 called covid -> specificity 0.5) plus covid images, 2 or 1.
+def _flag_case(
+    non_covid_a: int = 10, covid_a: int = 2
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Source A: ``non_covid_a`` non-covid (half called covid -> specificity 0.5) plus
+    ``covid_a`` covid images, all found.
 
-    Source B: 32 non-covid all right plus 10 covid all right. Overall specificity 36/40 = 0.9.
+    Source B: 40 non-covid all right plus 10 covid all right. With 10 non-covid in A the overall
+    specificity is 45/50 = 0.9.
     """
-    n_covid_a = n_source_a - 8
-    y_true = [NORMAL] * 8 + [COVID] * n_covid_a + [NORMAL] * 32 + [COVID] * 10
-    y_pred = [COVID] * 4 + [NORMAL] * 4 + [COVID] * n_covid_a + [NORMAL] * 32 + [COVID] * 10
-    groups = pd.DataFrame({"source": ["A"] * n_source_a + ["B"] * 42})
+    wrong = non_covid_a // 2
+    y_true = [NORMAL] * non_covid_a + [COVID] * covid_a + [NORMAL] * 40 + [COVID] * 10
+    y_pred = (
+        [COVID] * wrong
+        + [NORMAL] * (non_covid_a - wrong)
+        + [COVID] * covid_a
+        + [NORMAL] * 40
+        + [COVID] * 10
+    )
+    groups = pd.DataFrame({"source": ["A"] * (non_covid_a + covid_a) + ["B"] * 50})
     return one_hot_probs(y_pred), np.array(y_true), groups
+
+
+FLAG_A = "source=A (n=12): COVID specificity 0.50 (5/10, 95% CI 0.24–0.76) vs 0.90 overall"
 
 
 def test_subgroup_flagged_when_specificity_far_below_overall():
@@ -136,16 +151,16 @@ def test_subgroup_flagged_when_specificity_far_below_overall():
     assert report.covid_specificity == pytest.approx(0.9)
     a = report.subgroups["source"]["A"]
     b = report.subgroups["source"]["B"]
-    assert a.n == 10 and a.covid_specificity == pytest.approx(0.5)
+    assert a.n == 12 and a.covid_specificity == pytest.approx(0.5) and a.n_non_covid == 10
     assert a.covid_recall == pytest.approx(1.0)
     assert a.flagged and "specificity" in a.flag_reason and "sensitivity" not in a.flag_reason
     assert "0.50" in a.flag_reason and "0.90" in a.flag_reason
     assert not b.flagged and b.covid_specificity == pytest.approx(1.0)
-    assert report.flagged == ["source=A (n=10): COVID specificity 0.50 vs 0.90 overall"]
+    assert report.flagged == [FLAG_A]
 
 
 def test_small_subgroup_not_flagged():
-    probs, y, groups = _flag_case(9)
+    probs, y, groups = _flag_case(8, covid_a=1)
     report = evaluate_predictions(probs, y, groups)
     a = report.subgroups["source"]["A"]
     assert a.n == 9 and a.covid_specificity == pytest.approx(0.5)
@@ -162,7 +177,9 @@ def test_flag_on_sensitivity_and_undefined_figures_skipped():
     report = evaluate_predictions(one_hot_probs(y_pred), np.array(y_true), groups)
     c = report.subgroups["source"]["C"]
     assert c.covid_specificity is None and c.covid_recall == pytest.approx(0.2)
-    assert c.flagged and c.flag_reason == "COVID sensitivity 0.20 vs 0.80 overall"
+    assert c.flagged and c.flag_reason == (
+        "COVID sensitivity 0.20 (2/10, 95% CI 0.06–0.51) vs 0.80 overall"
+    )
 
 
 def test_unknown_values_missing_columns_and_adult():
@@ -208,14 +225,16 @@ def test_input_validation():
 
 def test_to_json_keys_and_serialisable():
     probs, y, groups = _flag_case(10)
-    groups["age_group"] = ["adult"] * 20 + ["child"] * 32
+    groups["age_group"] = ["adult"] * 20 + ["child"] * 42
     out = evaluate_predictions(probs, y, groups).to_json()
+    rates = {"accuracy", "covid_recall", "covid_specificity"}
     assert set(out) == {
-        "accuracy",
+        *rates,
+        *{f"{r}_ci" for r in rates},
+        "n_covid",
+        "n_non_covid",
         "macro_f1",
         "per_class",
-        "covid_recall",
-        "covid_specificity",
         "ece",
         "confusion",
         "subgroups",
@@ -225,10 +244,18 @@ def test_to_json_keys_and_serialisable():
         "adult",
     }
     assert set(out["per_class"]) == set(CLASSES)
-    assert set(out["per_class"]["covid"]) == {"precision", "recall", "f1", "support"}
+    assert set(out["per_class"]["covid"]) == {
+        "precision",
+        "recall",
+        "f1",
+        "support",
+        "precision_ci",
+        "recall_ci",
+    }
+    subgroup_keys = {*rates, *{f"{r}_ci" for r in rates}, "n", "n_covid", "n_non_covid"}
     entry = out["subgroups"]["source"]["A"]
-    assert set(entry) == {"n", "accuracy", "covid_recall", "covid_specificity"}
-    assert set(out["adult"]) == {"n", "accuracy", "covid_recall", "covid_specificity"}
+    assert set(entry) == subgroup_keys
+    assert set(out["adult"]) == subgroup_keys
     assert out["adult"]["n"] == 20
     back = json.loads(json.dumps(out))
     assert back["confusion"] == out["confusion"] and math.isclose(back["ece"], out["ece"])
@@ -254,23 +281,24 @@ def test_confusion_png_is_valid(tmp_path):
 
 def test_render_text_and_markdown():
     probs, y, groups = _flag_case(10)
-    groups["age_group"] = ["adult"] * 20 + ["child"] * 32
+    groups["age_group"] = ["adult"] * 20 + ["child"] * 42
     report = evaluate_predictions(probs, y, groups)
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=160)
     console.print(render_text(report, title="test split"))
     text = console.export_text()
     for name in CLASSES:
         assert name in text
     assert "test split" in text
-    assert "⚠ A" in text and "COVID specificity 0.50 vs 0.90 overall" in text
+    assert "⚠ A" in text and "COVID specificity 0.50 (5/10, 95% CI 0.24–0.76) vs 0.90" in text
     assert "Adult only (n=20)" in text
     assert "By source" in text and "By age_group" in text
 
     md = per_class_table_markdown(report)
     assert "| class | precision | recall | F1 | support |" in md
+    assert "| covid | 0.706 [0.47, 0.87] | 1.000 [0.76, 1.00] |" in md  # 12/17 and 12/12
     assert "| covid |" in md and "| pneumonia |" in md and "| normal |" in md
     assert "### Subgroups" in md and "**By source**" in md
-    assert "- source=A (n=10): COVID specificity 0.50 vs 0.90 overall" in md
+    assert f"- {FLAG_A}" in md
 
 
 def test_render_without_subgroups_warns():

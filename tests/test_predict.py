@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tinymodels import tiny_lite0
 
 from covidray.codec import decode_png_u8, encode_png
 from covidray.labels import CLASSES
@@ -17,14 +18,7 @@ SIZE = 64
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """Lite0 with random weights; the head re-initialised so logits are far from uniform."""
-    torch.manual_seed(seed)
-    model = build_model("efficientnet_lite0", weights=None)
-    for m in model.head.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, std=0.5)
-            torch.nn.init.normal_(m.bias, std=0.5)
-    return model.eval()
+    return tiny_lite0(seed, bias=True)
 
 
 @pytest.fixture(scope="module")
@@ -111,19 +105,31 @@ def test_without_cam_and_explaining_another_class(predictor: Predictor) -> None:
     assert predictor.predict_one(x[0, 0]).label == plain.labels[0]
 
 
-def test_flip_tta_from_the_card(tmp_path) -> None:
+def test_flip_tta_averages_logits_then_calibrates(tmp_path) -> None:
+    from covidray.calibration import Calibration
+
     model = tiny_model(seed=3)
-    card = save_model_dir(model, ModelCard.for_model(model, SIZE, tta_hflip=True), str(tmp_path))
-    p = Predictor.from_dir(str(tmp_path), device="cpu", threads=1)
-    assert p.tta_hflip and p.model_version == card.model_version
+    card = ModelCard.for_model(model, SIZE, tta_hflip=True)
+    saved = save_model_dir(model, card, str(tmp_path / "raw"))
+    p = Predictor.from_dir(str(tmp_path / "raw"), device="cpu", threads=1)
+    assert p.tta_hflip and p.model_version == saved.model_version
     x = images(3, seed=6)
     with torch.no_grad():
-        a = model(x).softmax(1)
-        b = model(x.flip(-1)).softmax(1)
-    expected = (0.5 * (a + b)).numpy()
+        z = 0.5 * (model(x) + model(x.flip(-1)))
     res = p.predict(x)
-    np.testing.assert_allclose(res.probs, expected, atol=1e-5)
-    np.testing.assert_array_equal(res.cam_class_idx, expected.argmax(1))
+    np.testing.assert_allclose(res.logits, z.numpy(), atol=1e-4)
+    np.testing.assert_allclose(res.probs, z.softmax(1).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(res.cam_class_idx, z.argmax(1).numpy())
+    assert res.in_scope.all() and res.ood_score is None  # no gate fitted
+
+    warm = card.model_copy(update={"calibration": Calibration(temperature=2.5)})
+    hot = save_model_dir(model, warm, str(tmp_path / "cal"))
+    q = Predictor.from_dir(str(tmp_path / "cal"), device="cpu", threads=1)
+    cal = q.predict(x)
+    np.testing.assert_allclose(cal.probs, (z / 2.5).softmax(1).numpy(), atol=1e-5)
+    assert cal.labels == res.labels  # a temperature never changes the predicted class
+    assert hot.scoring_version != saved.scoring_version  # ... but changes the outputs' key
+    assert hot.model_version == saved.model_version
 
 
 def test_memory_format_does_not_change_results(model_dir) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
+from tinymodels import tiny_lite0
 
 from covidray import storage
 from covidray.cli import main
@@ -28,7 +28,6 @@ from covidray.ingest import ingest
 from covidray.labels import CLASSES
 from covidray.manifest import manifest_base, read_manifest
 from covidray.modeldir import ModelCard, save_model_dir
-from covidray.models import build_model
 from covidray.predict import Predictor
 from covidray.report import ReportConfig, build_report
 from covidray.score.results import to_table, write_part
@@ -98,12 +97,8 @@ def check_self_contained(p: ReportParser) -> None:
 
 
 def tiny_model_dir(uri: str) -> str:
-    torch.manual_seed(0)
-    model = build_model("efficientnet_lite0", weights=None)
-    for m in model.head.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, std=0.5)
-    save_model_dir(model, ModelCard.for_model(model, SIZE), uri)
+    model = tiny_lite0(0)
+    save_model_dir(model, ModelCard.for_model(model, SIZE, SIZE), uri)
     return uri
 
 
@@ -199,7 +194,12 @@ def test_flags_errors_missing_images_and_cli(phantom_scores, tmp_path, capsys) -
         "error_detail": "PNG file ends inside its pixel data",
         "scored_at": datetime.now(UTC),
     }
-    extra = pd.DataFrame([missing, flagged])
+    # One the input gate refused: it keeps its row, no label, counted by reason.
+    lateral = table[table["patient_id"] == pid].iloc[-1].to_dict()
+    lateral.update(
+        image_id="c" * 64, label=None, in_scope=False, gate_reason="view:LL", status="out_of_scope"
+    )
+    extra = pd.DataFrame([missing, flagged, lateral])
     cols = {c: extra[c].tolist() for c in extra.columns}
     cols["study_day"] = extra["study_day"].astype(float).to_numpy()
     write_part(to_table(cols), out, "2026-01-02", version)
@@ -207,14 +207,20 @@ def test_flags_errors_missing_images_and_cli(phantom_scores, tmp_path, capsys) -
 
     html_path = str(tmp_path / "r.html")
     assert main(["report", "--scores", out, "--out", html_path]) == 0
-    assert '"n_flagged":1' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert '"n_flagged":1' in printed and '"n_out_of_scope":1' in printed
     p = parse(html_path)
     check_self_contained(p)
     text = " ".join(p.text)
     assert "Errors (1)" in text and "truncated" in text and "d" * 12 in text
     assert "Flagged: likely shortcut (1)" in text and "e" * 12 in text
     assert "image not available" in text
+    assert "Out of scope (1)" in text and "view:LL" in text and "c" * 12 not in text
     assert pid in p.patients
+    assert (
+        sum(i.get("alt") == "Grad-CAM overlay" for i in p.images if i["patient"] == pid)
+        == (table["patient_id"] == pid).sum() + 2
+    )  # the moved and the flagged image; not the out-of-scope one
 
 
 def test_no_series_gives_an_empty_but_valid_report(tmp_path) -> None:

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from covidray import storage
@@ -29,9 +28,7 @@ from covidray.config import IngestConfig
 from covidray.ingest import ingest
 from covidray.labels import CLASSES
 from covidray.manifest import read_manifest
-from covidray.modeldir import ModelCard, save_model_dir
-from covidray.models import build_model
-from covidray.pseudonyms import pseudonymize
+from covidray.pseudonyms import pseudonymize, shift_date
 from covidray.score import ScoreConfig, read_predictions, run_score
 from covidray.score.results import fresh_listing, list_files
 from covidray.synth import write_phantoms
@@ -39,28 +36,10 @@ from covidray.synth import write_phantoms
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from oddfiles import DICOM_PATIENT_ID, DICOM_PATIENT_NAME, make_odd_files  # noqa: E402
+from tinymodels import png_bytes, save_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
-
-
-def save_tiny_model(uri: str, seed: int) -> str:
-    """A Lite0 model directory (random weights, head scaled up); returns its model_version."""
-    torch.manual_seed(seed)
-    model = build_model("efficientnet_lite0", weights=None)
-    for m in model.head.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, std=0.5)
-    return save_model_dir(model, ModelCard.for_model(model, SIZE), uri).model_version
-
-
-def png_bytes(seed: int, size: int = 64) -> bytes:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = 0.5 * x + 0.3 * y + 0.2 * rng.random((size, size))
-    buf = io.BytesIO()
-    Image.fromarray(np.uint8(img * 255), "L").save(buf, "PNG")
-    return buf.getvalue()
 
 
 def put_files(prefix: str, files: dict[str, bytes]) -> None:
@@ -217,7 +196,14 @@ def test_odd_and_corrupt_files_become_error_rows(s3_bucket: str) -> None:
     key = "site-secret"
     out = f"{s3_bucket}/out"
 
-    run = cfg(model=f"{s3_bucket}/model", data=f"{s3_bucket}/in", out=out, pseudonym_key=key)
+    # keep_source_paths: rows are found by file name here (without: tests/test_privacy.py).
+    run = cfg(
+        model=f"{s3_bucket}/model",
+        data=f"{s3_bucket}/in",
+        out=out,
+        pseudonym_key=key,
+        keep_source_paths=True,
+    )
     r = run_score(run)
     n_good = len(files) - len(bad)
     assert r.input_kind == "prefix" and r.n_inputs == len(files)
@@ -243,7 +229,8 @@ def test_odd_and_corrupt_files_become_error_rows(s3_bucket: str) -> None:
     assert (
         dicom_rows["patient_id"] == f"dicom:{pseudonymize(DICOM_PATIENT_ID, key.encode())}"
     ).all()
-    assert (dicom_rows["study_date"] == "2020-03-15").all()
+    patient = f"dicom:{pseudonymize(DICOM_PATIENT_ID, key.encode())}"
+    assert (dicom_rows["study_date"] == shift_date("2020-03-15", patient, key.encode())).all()
     for uri in list_files(out):
         blob = storage.read_bytes(uri)
         assert DICOM_PATIENT_ID.encode() not in blob and DICOM_PATIENT_NAME.encode() not in blob
@@ -301,9 +288,10 @@ def test_driver_sigkill_then_rerun_has_one_row_per_image(
     put_files(f"{s3_bucket}/in", files)
     save_tiny_model(f"{s3_bucket}/model", seed=2)
     out = f"{s3_bucket}/out"
-    # Small read chunks and files keep the run fine-grained enough to stop it halfway.
+    # Small read chunks and files keep the run fine-grained enough to stop it halfway. The
+    # killed driver leaves its lock on the output: the rerun waits for it to go stale.
     config = tmp_path / "score.yaml"
-    config.write_text("read_chunk: 8\n")
+    config.write_text("read_chunk: 8\nlock_stale_after_s: 10\nlock_wait_s: 120\n")
     argv = [
         "--model", f"{s3_bucket}/model", "--data", f"{s3_bucket}/in", "--out", out,
         "--batch-size", "4", "--rows-per-file", "8", "--workers", "1", "--threads", "1",

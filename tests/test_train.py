@@ -169,7 +169,7 @@ def test_rows_hash_and_augment_with(phantom_ds, tmp_path):
             {
                 **src,
                 "image_id": f"synthetic{k}",
-                "uri": os.path.join(phantom_ds, src["uri"]),
+                "uri": f"images/synthetic{k}.png",  # inside its own dataset, as gan writes
                 "patient_id": f"gan-{k}",
                 "split": "val",
                 "synthetic": True,
@@ -177,6 +177,9 @@ def test_rows_hash_and_augment_with(phantom_ds, tmp_path):
                 "label": "covid",
             }
         )
+    for k, src in enumerate((train_row, test_row)):
+        data = storage.read_bytes(os.path.join(phantom_ds, src["uri"]))
+        storage.write_bytes(str(tmp_path / "synth" / "images" / f"synthetic{k}.png"), data)
     storage.write_parquet(to_table(synth), str(tmp_path / "synth" / "manifest.parquet"))
     both = load_rows(phantom_ds, str(tmp_path / "synth"))
     added = both[both["image_id"].str.startswith("synthetic")]

@@ -32,6 +32,7 @@ def run_synth(cfg: SynthConfig) -> str:
             seed=cfg.seed,
             size=cfg.size,
             progress=lambda k: update(k, total),
+            style=cfg.style,
         )
     console.print(f"wrote {total} phantoms: {manifest}")
     return manifest

@@ -56,7 +56,7 @@ def _argparse_kwargs(tp: Any) -> dict[str, Any] | None:
             return {"nargs": len(items), "type": items[0]}
         return None
     if origin is list and get_args(tp) == (str,):
-        return {"type": str}  # comma-separated; the model's validator splits it
+        return {"type": str, "action": "append"}  # given twice: both; commas are for the model
     return None
 
 
@@ -113,6 +113,7 @@ def add_model_flags(
     positional: str = "",
     aliases: Mapping[str, str | tuple[str, ...]] | None = None,
     metavars: Mapping[str, Any] | None = None,
+    helps: Mapping[str, str] | None = None,
     skip: Iterable[str] = (),
 ) -> None:
     """Add a flag for every field of ``model`` (see the module docstring).
@@ -121,10 +122,12 @@ def add_model_flags(
     maps a flag to the dotted field(s) it sets instead of the derived name
     (``{"--from": "domain_a"}``; a tuple sets several fields at once); ``main`` fields
     (space-separated; and aliases, positionals) are listed first, the rest under "more
-    options"."""
+    options"; ``metavars`` and ``helps`` override a flag's defaults (keyed by field or by
+    alias without its dashes)."""
     main, positional = main.split(), positional.split()
     aliases = dict(aliases or {})
     metavars = dict(metavars or {})
+    helps = dict(helps or {})
     fields = dict(model_fields(model))
     aliased = {f for targets in aliases.values() for f in _targets(targets)}
     main_set = set(main) | aliased
@@ -134,27 +137,36 @@ def add_model_flags(
         parser.add_argument(PREFIX + name, metavar=name, help=fields[name].description, **kwargs)
     for flag, targets in aliases.items():
         first = fields[_targets(targets)[0]]
-        kwargs = _argparse_kwargs(first.annotation) or {}
-        if flag.lstrip("-") in metavars:
-            kwargs["metavar"] = metavars[flag.lstrip("-")]
+        key = flag.lstrip("-")
         parser.add_argument(
             flag,
             dest=PREFIX + "|".join(_targets(targets)),
             default=argparse.SUPPRESS,
-            help=_help(first),
-            **kwargs,
+            help=helps.get(key, _help(first)),
+            **_with_metavar(_argparse_kwargs(first.annotation), metavars.get(key), key),
         )
     for name, info in fields.items():
         if name in positional or name in aliased or name in skip:
             continue
         flag = "--" + name.replace(".", "-").replace("_", "-")
-        kwargs = _argparse_kwargs(info.annotation) or {}
-        if name in metavars:
-            kwargs["metavar"] = metavars[name]
         target = parser if name in main_set else more
         target.add_argument(
-            flag, dest=PREFIX + name, default=argparse.SUPPRESS, help=_help(info), **kwargs
+            flag,
+            dest=PREFIX + name,
+            default=argparse.SUPPRESS,
+            help=helps.get(name, _help(info)),
+            **_with_metavar(_argparse_kwargs(info.annotation), metavars.get(name), flag),
         )
+
+
+def _with_metavar(kwargs: dict[str, Any] | None, metavar: Any, flag: str) -> dict[str, Any]:
+    """argparse options with a readable metavar (``--batch-size BATCH_SIZE``)."""
+    kwargs = dict(kwargs or {})
+    if metavar is not None:
+        kwargs["metavar"] = metavar
+    elif "choices" not in kwargs and kwargs.get("action") in (None, "append"):
+        kwargs["metavar"] = flag.strip("-").replace("-", "_").upper()
+    return kwargs
 
 
 def _targets(targets: str | tuple[str, ...]) -> tuple[str, ...]:

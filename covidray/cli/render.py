@@ -15,7 +15,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..evaluation.artifacts import NO_SUBGROUPS, WARN, adult_line, fmt, overall_line
+from ..evaluation.artifacts import (
+    NO_SUBGROUPS,
+    PER_CLASS_HEADER,
+    SUBGROUP_HEADER,
+    WARN,
+    adult_line,
+    fmt_ci,
+    overall_line,
+    per_class_cells,
+    subgroup_cells,
+)
 from ..evaluation.metrics import EvalReport
 from ..labels import CLASSES
 from ..manifest import SPLITS
@@ -120,10 +130,17 @@ def epoch_printer(
 def print_train_reports(result: Any) -> None:
     """One line per evaluated split of a TrainResult: accuracy, macro-F1, COVID recall, adult."""
     for split, m in result.reports.items():
-        adult = f" · adult accuracy {m['adult']['accuracy']:.3f}" if m.get("adult") else ""
+        adult = m.get("adult")
+        adult_acc = (
+            f" · adult accuracy {fmt_ci(adult['accuracy'], adult.get('accuracy_ci'))}"
+            if adult
+            else ""
+        )
         console.print(
-            f"[bold]{split}[/bold]: accuracy {m['accuracy']:.3f} · macro-F1 "
-            f"{m['macro_f1']:.3f} · COVID recall {m['covid_recall']:.3f}{adult}"
+            f"[bold]{split}[/bold]: accuracy {fmt_ci(m['accuracy'], m.get('accuracy_ci'))} · "
+            f"macro-F1 {m['macro_f1']:.3f} · COVID recall "
+            f"{fmt_ci(m['covid_recall'], m.get('covid_recall_ci'))}{adult_acc}",
+            highlight=False,
         )
 
 
@@ -136,12 +153,14 @@ def render_text(report: EvalReport, title: str = "") -> Group:
     if title:
         parts.append(Text(title, style="bold"))
     parts.append(Text(overall_line(report)))
+    if report.outputs is not None:
+        parts.append(Text(outputs_line(report)))
 
     per_class = Table(title="Per class")
-    for col in ("class", "precision", "recall", "F1", "support"):
+    for col in PER_CLASS_HEADER:
         per_class.add_column(col, justify="left" if col == "class" else "right")
     for name, m in report.per_class.items():
-        per_class.add_row(name, fmt(m.precision), fmt(m.recall), fmt(m.f1), str(m.support))
+        per_class.add_row(*per_class_cells(name, m))
     parts.append(per_class)
 
     confusion = Table(title="Confusion matrix (rows true, columns predicted)")
@@ -157,15 +176,12 @@ def render_text(report: EvalReport, title: str = "") -> Group:
     for column, values in report.subgroups.items():
         table = Table(title=f"By {column}")
         table.add_column(column)
-        for col in ("n", "accuracy", "COVID recall", "COVID specificity"):
+        for col in SUBGROUP_HEADER:
             table.add_column(col, justify="right")
         for value, m in values.items():
             table.add_row(
                 f"{WARN} {value}" if m.flagged else value,
-                str(m.n),
-                fmt(m.accuracy),
-                fmt(m.covid_recall),
-                fmt(m.covid_specificity),
+                *subgroup_cells(m),
                 style="red" if m.flagged else None,
             )
         parts.append(table)
@@ -180,6 +196,90 @@ def render_text(report: EvalReport, title: str = "") -> Group:
     return Group(*parts)
 
 
+def _rate(k: float, n: int) -> str:
+    """``0.870 (0.79–0.93)``: a rate with its Wilson 95 % interval, or n/a."""
+    from ..evaluation.intervals import wilson
+
+    if n <= 0:
+        return "n/a"
+    lo_hi = wilson(round(k), n)
+    return f"{k / n:.3f} ({lo_hi[0]:.2f}–{lo_hi[1]:.2f})"
+
+
+def _rates(r: EvalReport) -> dict[str, str]:
+    cm = r.confusion
+    pos = r.classes.index("covid")
+    covid = sum(cm[pos])
+    others = r.n - covid
+    true_negatives = sum(
+        cm[i][j] for i in range(len(cm)) for j in range(len(cm)) if i != pos and j != pos
+    )
+    out = r.outputs
+    return {
+        "accuracy": _rate(r.accuracy * r.n, r.n),
+        "macro-F1": f"{r.macro_f1:.3f}",
+        "COVID recall": _rate(cm[pos][pos], covid),
+        "COVID specificity": _rate(true_negatives, others),
+        "ECE": f"{r.ece:.3f}" + (f" (was {out.ece_uncalibrated:.3f})" if out else ""),
+        "gate false rejections": "n/a"
+        if out is None or out.false_rejection_rate is None
+        else _rate(out.n_rejected, r.n),
+        "adult accuracy": "n/a"
+        if r.adult is None
+        else _rate(r.adult.accuracy * r.adult.n, r.adult.n),
+    }
+
+
+def outputs_line(report: EvalReport) -> str:
+    """Calibration and the input gate in one line."""
+    out = report.outputs
+    cal = out.calibration
+    ece = f"ECE {out.ece_uncalibrated:.3f} → {report.ece:.3f}"
+    if out.ece_interval:
+        ece += f" (95 % {out.ece_interval[0]:.3f}–{out.ece_interval[1]:.3f})"
+    gate = (
+        "no input gate"
+        if out.false_rejection_rate is None
+        else f"input gate refused {out.n_rejected}/{report.n} (false rejections "
+        f"{_rate(out.n_rejected, report.n)})"
+    )
+    return (
+        f"Calibration: {cal['method']} T = {cal['temperature']:.2f}, {ece}, "
+        f"{out.labels_changed_by_calibration} label(s) changed · {gate}"
+    )
+
+
+def compare_text(reports: dict[str, EvalReport], title: str = "") -> Group:
+    """Several models on the same rows, side by side: the headline rates with Wilson intervals,
+    then each subgroup's accuracy per model."""
+    names = [f"model {i + 1}" for i in range(len(reports))]
+    parts: list = [Text(f"{len(reports)} models on {title}", style="bold")]
+    for name, uri in zip(names, reports, strict=True):
+        parts.append(Text(f"  {name}: {uri}"))
+    head = Table(title="Overall (95 % Wilson intervals)")
+    head.add_column("")
+    for name in names:
+        head.add_column(name, justify="right")
+    rates = [_rates(r) for r in reports.values()]
+    for key in rates[0]:
+        head.add_row(key, *(r[key] for r in rates))
+    parts.append(head)
+    first = next(iter(reports.values()))
+    for column, values in first.subgroups.items():
+        table = Table(title=f"Accuracy by {column}")
+        table.add_column(column)
+        for name in names:
+            table.add_column(name, justify="right")
+        for value in values:
+            cells = []
+            for r in reports.values():
+                m = r.subgroups.get(column, {}).get(value)
+                cells.append("n/a" if m is None else _rate(m.accuracy * m.n, m.n))
+            table.add_row(value, *cells)
+        parts.append(table)
+    return Group(*parts)
+
+
 # --- scoring -----------------------------------------------------------------------------------
 
 
@@ -187,15 +287,24 @@ def score_table(result: Any) -> Table:
     """A run's counts and throughput (a ScoreResult)."""
     from ..score.results import predictions_root
 
-    table = Table(title=f"model {result.model_version}, run_date={result.run_date}")
+    table = Table(
+        title=f"model {result.model_version} (scoring {result.scoring_version}), "
+        f"run_date={result.run_date}"
+    )
     table.add_column("")
     table.add_column("", justify="right")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.error_reasons.items()))
+    gated = ", ".join(f"{k} {v}" for k, v in sorted(result.gate_reasons.items()))
     for name, value in (
         ("inputs", result.n_inputs),
         ("scored", result.n_scored),
+        (
+            "out of scope (input gate)",
+            f"{result.n_out_of_scope}" + (f" ({gated})" if gated else ""),
+        ),
         ("skipped (already scored)", result.n_skipped),
         ("errors", f"{result.n_errors}" + (f" ({reasons})" if reasons else "")),
+        ("  of which retried next run", result.n_retry),
         ("files written", result.n_files),
         ("scoring actors", f"{result.workers} × {result.threads} thread(s) on {result.device}"),
         ("img/s (first read → last write)", f"{result.img_per_s:.1f}"),
@@ -205,4 +314,17 @@ def score_table(result: Any) -> Table:
     ):
         table.add_row(name, str(value))
     table.add_row("output", predictions_root(result.out))
+    return table
+
+
+# --- Ray jobs ----------------------------------------------------------------------------------
+
+
+def jobs_table(rows: list[dict[str, str]]) -> Table:
+    """``covidray jobs list``: one row per job (runtime.jobs.job_row)."""
+    table = Table(title="Ray jobs")
+    for name in rows[0] if rows else ("id", "status", "command"):
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*(escape(v) for v in row.values()))
     return table

@@ -7,10 +7,18 @@ import json
 
 from rich.console import Console
 
+from ..config import CalibrateConfig
 from ..evaluation.config import EvaluateConfig
 from ..train.config import TrainConfig
 from .flags import Command, config_from_args
-from .render import console, epoch_printer, print_train_reports, render_text, train_epoch_line
+from .render import (
+    compare_text,
+    console,
+    epoch_printer,
+    print_train_reports,
+    render_text,
+    train_epoch_line,
+)
 
 
 def run_train(cfg: TrainConfig):
@@ -35,18 +43,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_device(device: str | None) -> None:
+    """Refuse ``--device cuda`` up front when this process sees no CUDA GPU."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a model directory on a dataset split; text tables or one JSON object."""
+    """Score one model directory (or several, side by side) on a dataset split; text tables or
+    one JSON object."""
     from ..evaluation.evaluate import evaluate_model
 
     cfg = config_from_args(EvaluateConfig, args)
-    report = evaluate_model(
-        cfg.model, cfg.data, cfg.split, batch_size=cfg.batch_size, device=cfg.device
-    )
+    require_device(cfg.device)
+    reports = {
+        uri: evaluate_model(uri, cfg.data, cfg.split, batch_size=cfg.batch_size, device=cfg.device)
+        for uri in cfg.model
+    }
     if args.format == "json":
-        print(json.dumps(report.to_json()))
+        if len(reports) == 1:
+            print(json.dumps(next(iter(reports.values())).to_json()))
+        else:
+            print(json.dumps({"models": {u: r.to_json() for u, r in reports.items()}}))
+    elif len(reports) == 1:
+        ((uri, report),) = reports.items()
+        Console().print(render_text(report, title=f"{uri} on {cfg.data} ({cfg.split})"))
     else:
-        Console().print(render_text(report, title=f"{cfg.model} on {cfg.data} ({cfg.split})"))
+        Console().print(compare_text(reports, title=f"{cfg.data} ({cfg.split})"))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit calibration and gate on an existing model directory; print the val/test figures."""
+    from ..posthoc import calibrate_model_dir
+
+    cfg = config_from_args(CalibrateConfig, args)
+    card, reports = calibrate_model_dir(
+        cfg.model, cfg.data, cfg.out, device=cfg.device, batch_size=cfg.batch_size
+    )
+    cal = card.effective_calibration
+    console.print(
+        f"calibration: {cal.method}, T = {cal.temperature:.3f} (fitted on {cal.fitted_on}); "
+        f"gate threshold {card.gate.threshold:.2f}; scoring version {card.scoring_version}"
+    )
+    for split, report in reports.items():
+        out = report.outputs
+        console.print(
+            f"[bold]{split}[/bold]: ECE {out.ece_uncalibrated:.3f} → {report.ece:.3f}, labels "
+            f"changed {out.labels_changed_by_calibration}, gate false rejections "
+            f"{out.n_rejected}/{report.n}"
+        )
+    print(json.dumps({"model": cfg.out or cfg.model, "scoring_version": card.scoring_version}))
     return 0
 
 
@@ -60,6 +110,13 @@ COMMANDS = (
             "main": "data out backbone weights epochs workers batch_size lr input_size seed "
             "augment_with run_name"
         },
+    ),
+    Command(
+        "calibrate",
+        CalibrateConfig,
+        cmd_calibrate,
+        "fit calibration and the input gate of a model directory on a dataset",
+        {"main": "model data out"},
     ),
     Command(
         "evaluate",

@@ -1,15 +1,21 @@
 """Running a model on a dataset split (``covidray evaluate``, training's final evaluation):
-decode once, batched prediction (with optional flip TTA), metrics with subgroups."""
+decode once, the Predictor (the one inference path: flip TTA, calibration, input gate),
+metrics with subgroups, calibration and gate figures."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pandas as pd
-from torch import nn
+import torch
 
 from ..dataset import GROUP_COLUMNS, load_images, load_rows
-from ..predict import predict_probs
+from ..predict import Predictor
+from ..preprocess import check_card
 from .config import EVAL_SPLITS
-from .metrics import EvalReport, evaluate_predictions
+from .intervals import bootstrap, wilson
+from .metrics import EvalReport, OutputFigures, evaluate_predictions, expected_calibration_error
 
 
 def select_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -21,19 +27,39 @@ def select_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
     return chosen.reset_index(drop=True)
 
 
-def evaluate_rows(
-    model: nn.Module,
-    rows: pd.DataFrame,
-    input_size: int,
-    *,
-    tta_hflip: bool = False,
-    batch_size: int = 64,
-) -> EvalReport:
-    """Decode ``rows`` (from :func:`load_rows`), predict, and score with subgroup breakdowns."""
-    images = load_images(list(rows["uri"]), input_size)
-    probs = predict_probs(model, images, batch_size=batch_size, tta_hflip=tta_hflip)
+def predict_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 64) -> Any:
+    """The predictor's outputs (calibrated probabilities, raw logits, gate verdicts) for
+    ``rows`` (from :func:`load_rows`), decoded once with the card's preprocessing."""
+    prep = predictor.card.preprocessing
+    images = load_images(list(rows["uri"]), prep.input_size, shorter_side=prep.shorter_side)
+    return predictor.predict_many(images, batch_size, with_cam=False)
+
+
+def output_figures(res: Any, labels: np.ndarray, predictor: Predictor) -> OutputFigures:
+    """Calibration before and after (bootstrap intervals) and the gate's false rejections."""
+    raw = torch.as_tensor(res.logits).softmax(1).numpy()
+    rejected = int((~res.in_scope).sum())
+    n = len(labels)
+    cal = predictor.calibration
+    return OutputFigures(
+        calibration={"method": cal.method, "temperature": cal.temperature, "note": cal.note},
+        ece_interval=bootstrap(expected_calibration_error, res.probs, labels),
+        ece_uncalibrated=expected_calibration_error(raw, labels),
+        ece_uncalibrated_interval=bootstrap(expected_calibration_error, raw, labels),
+        labels_changed_by_calibration=int((raw.argmax(1) != res.probs.argmax(1)).sum()),
+        false_rejection_rate=None if predictor.gate is None else rejected / n,
+        false_rejection_interval=None if predictor.gate is None else wilson(rejected, n),
+        n_rejected=rejected,
+    )
+
+
+def evaluate_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 64) -> EvalReport:
+    """Predict ``rows`` and score them with subgroup breakdowns, calibration and gate figures."""
+    res = predict_rows(predictor, rows, batch_size=batch_size)
+    labels = rows["y"].to_numpy()
     groups = rows[[c for c in GROUP_COLUMNS if c in rows.columns]].reset_index(drop=True)
-    return evaluate_predictions(probs, rows["y"].to_numpy(), groups)
+    report = evaluate_predictions(res.probs, labels, groups)
+    return report.model_copy(update={"outputs": output_figures(res, labels, predictor)})
 
 
 def evaluate_model(
@@ -41,22 +67,14 @@ def evaluate_model(
     data_uri: str,
     split: str = "test",
     *,
-    tta_hflip: bool | None = None,
     batch_size: int = 64,
     device: str | None = None,
 ) -> EvalReport:
-    """Load the model directory ``model_uri`` and score it on ``split`` of ``data_uri``.
-
-    ``tta_hflip`` defaults to what the model card says the model was selected with.
-    """
-    from ..modeldir import load_model_dir
-
-    model, card = load_model_dir(model_uri, device=device)
+    """Score the model directory ``model_uri`` on ``split`` of ``data_uri`` through its
+    Predictor: the card's preprocessing (a dataset ingested at another shorter side is
+    re-normalised), flip TTA, calibration and input gate, as the nightly job and the endpoint
+    apply them."""
+    predictor = Predictor.from_dir(model_uri, device=device)
+    check_card(predictor.card.preprocessing)
     rows = select_split(load_rows(data_uri), split)
-    return evaluate_rows(
-        model,
-        rows,
-        card.preprocessing.input_size,
-        tta_hflip=card.tta_hflip if tta_hflip is None else tta_hflip,
-        batch_size=batch_size,
-    )
+    return evaluate_rows(predictor, rows, batch_size=batch_size)

@@ -9,6 +9,12 @@ evaluation here breaks its metrics down by source, age group and view, flags sub
 COVID sensitivity or specificity falls well below the overall figure, and reports adult-only
 figures separately: accuracy on a confounded split is never reported alone.
 
+Every rate (a count over a count: accuracy, precision, recall, sensitivity, specificity) comes
+with its Wilson 95 % interval, and a subgroup is flagged on a rate only when that rate's own
+denominator (its COVID images for sensitivity, its non-COVID images for specificity) holds at
+least ``flag_min_n`` cases: a subgroup of 30 images with 3 COVID-19 cases says little about
+sensitivity. F1, macro-F1 and ECE are not proportions of a count and get no interval.
+
 Everything is a pure function over arrays and DataFrames; no model code.
 """
 
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -27,6 +33,22 @@ from ..labels import CLASSES
 POSITIVE_CLASS = "covid"
 UNKNOWN = "unknown"
 DEFAULT_SUBGROUP_COLUMNS: tuple[str, ...] = ("source", "age_group", "view")
+Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+Interval = tuple[float, float]
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> Interval | None:
+    """Wilson score interval of the proportion ``k / n`` (None for ``n == 0``)."""
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 # ----------------------------------------------------------------------------- models
@@ -39,15 +61,23 @@ class ClassMetrics(BaseModel):
     recall: float
     f1: float
     support: int
+    precision_ci: Interval | None = None  # Wilson 95 %; None: nothing predicted as the class
+    recall_ci: Interval | None = None  # None: no image of the class
 
 
 class SubgroupMetrics(BaseModel):
-    """Figures for the images of one subgroup; None where a figure is undefined."""
+    """Figures for the images of one subgroup; None where a figure is undefined. Each rate's
+    denominator is given (``n``, ``n_covid``, ``n_non_covid``) with its Wilson 95 % interval."""
 
     n: int
     accuracy: float
     covid_recall: float | None  # None: no covid images in the group
     covid_specificity: float | None  # None: no non-covid images in the group
+    n_covid: int = 0  # the sensitivity's denominator
+    n_non_covid: int = 0  # the specificity's denominator
+    accuracy_ci: Interval | None = None
+    covid_recall_ci: Interval | None = None
+    covid_specificity_ci: Interval | None = None
     flagged: bool = False
     flag_reason: str | None = None
 
@@ -55,9 +85,32 @@ class SubgroupMetrics(BaseModel):
         return {
             "n": self.n,
             "accuracy": self.accuracy,
+            "accuracy_ci": _ci_json(self.accuracy_ci),
+            "n_covid": self.n_covid,
             "covid_recall": self.covid_recall,
+            "covid_recall_ci": _ci_json(self.covid_recall_ci),
+            "n_non_covid": self.n_non_covid,
             "covid_specificity": self.covid_specificity,
+            "covid_specificity_ci": _ci_json(self.covid_specificity_ci),
         }
+
+
+def _ci_json(ci: Interval | None) -> list[float] | None:
+    return None if ci is None else [float(ci[0]), float(ci[1])]
+
+
+class OutputFigures(BaseModel):
+    """How trustworthy the outputs are: calibration (``ece`` in the report is after it) and
+    the input gate on films that are all in scope (every refusal is a false rejection)."""
+
+    calibration: dict[str, Any]  # method, temperature (the card's)
+    ece_interval: tuple[float, float] | None  # bootstrap 95 %
+    ece_uncalibrated: float  # the same predictions before calibration
+    ece_uncalibrated_interval: tuple[float, float] | None
+    labels_changed_by_calibration: int
+    false_rejection_rate: float | None  # None: no gate fitted
+    false_rejection_interval: tuple[float, float] | None  # Wilson 95 %
+    n_rejected: int
 
 
 class EvalReport(BaseModel):
@@ -70,11 +123,17 @@ class EvalReport(BaseModel):
     covid_recall: float  # 0.0 when there are no covid images (zero-division convention)
     covid_specificity: float  # 0.0 when there are no non-covid images
     ece: float
+    n_covid: int = 0  # COVID sensitivity's denominator
+    n_non_covid: int = 0  # COVID specificity's denominator
+    accuracy_ci: Interval | None = None  # Wilson 95 % intervals of the rates
+    covid_recall_ci: Interval | None = None
+    covid_specificity_ci: Interval | None = None
     confusion: list[list[int]]  # rows true, columns predicted, in `classes` order
     classes: list[str]
     subgroups: dict[str, dict[str, SubgroupMetrics]]  # column -> value -> metrics
     flagged: list[str]  # human-readable lines, one per flagged subgroup
     adult: SubgroupMetrics | None  # age_group == 'adult' only; None without such rows
+    outputs: OutputFigures | None = None  # calibration and input gate, when a model was run
 
     def to_json(self) -> dict[str, Any]:
         """A compact, JSON-serialisable summary (plain Python numbers, lists and dicts)."""
@@ -82,10 +141,22 @@ class EvalReport(BaseModel):
             "n": self.n,
             "classes": list(self.classes),
             "accuracy": self.accuracy,
+            "accuracy_ci": _ci_json(self.accuracy_ci),
             "macro_f1": self.macro_f1,
-            "per_class": {name: m.model_dump() for name, m in self.per_class.items()},
+            "per_class": {
+                name: {
+                    **m.model_dump(exclude={"precision_ci", "recall_ci"}),
+                    "precision_ci": _ci_json(m.precision_ci),
+                    "recall_ci": _ci_json(m.recall_ci),
+                }
+                for name, m in self.per_class.items()
+            },
+            "n_covid": self.n_covid,
             "covid_recall": self.covid_recall,
+            "covid_recall_ci": _ci_json(self.covid_recall_ci),
+            "n_non_covid": self.n_non_covid,
             "covid_specificity": self.covid_specificity,
+            "covid_specificity_ci": _ci_json(self.covid_specificity_ci),
             "ece": self.ece,
             "confusion": [list(row) for row in self.confusion],
             "subgroups": {
@@ -94,6 +165,7 @@ class EvalReport(BaseModel):
             },
             "flagged": list(self.flagged),
             "adult": self.adult.compact() if self.adult is not None else None,
+            **(self.outputs.model_dump(mode="json") if self.outputs is not None else {}),
         }
 
 
@@ -180,20 +252,38 @@ def per_class_metrics(cm: np.ndarray, classes: Sequence[str]) -> dict[str, Class
         precision = _safe_div(tp, predicted)
         recall = _safe_div(tp, support)
         f1 = _safe_div(2 * precision * recall, precision + recall)
-        out[name] = ClassMetrics(precision=precision, recall=recall, f1=f1, support=support)
+        out[name] = ClassMetrics(
+            precision=precision,
+            recall=recall,
+            f1=f1,
+            support=support,
+            precision_ci=wilson_interval(tp, predicted),
+            recall_ci=wilson_interval(tp, support),
+        )
     return out
 
 
-def _covid_rates(
-    y_true: np.ndarray, y_pred: np.ndarray, pos: int
-) -> tuple[float | None, float | None]:
-    """(sensitivity, specificity) with `pos` as the positive class; None where undefined."""
+class _Rate(NamedTuple):
+    """``k`` of ``n``: the value (None for ``n == 0``) and its Wilson 95 % interval."""
+
+    k: int
+    n: int
+
+    @property
+    def value(self) -> float | None:
+        return self.k / self.n if self.n else None
+
+    @property
+    def ci(self) -> Interval | None:
+        return wilson_interval(self.k, self.n)
+
+
+def _covid_rates(y_true: np.ndarray, y_pred: np.ndarray, pos: int) -> tuple[_Rate, _Rate]:
+    """(sensitivity, specificity) with `pos` as the positive class, as counts."""
     is_pos = y_true == pos
     said_pos = y_pred == pos
-    n_pos = int(is_pos.sum())
-    n_neg = int((~is_pos).sum())
-    sens = float((is_pos & said_pos).sum()) / n_pos if n_pos else None
-    spec = float((~is_pos & ~said_pos).sum()) / n_neg if n_neg else None
+    sens = _Rate(int((is_pos & said_pos).sum()), int(is_pos.sum()))
+    spec = _Rate(int((~is_pos & ~said_pos).sum()), int((~is_pos).sum()))
     return sens, spec
 
 
@@ -206,21 +296,33 @@ def _subgroup(
     flag_margin: float,
 ) -> SubgroupMetrics:
     n = int(y_true.shape[0])
-    accuracy = float((y_true == y_pred).mean()) if n else 0.0
+    correct = int((y_true == y_pred).sum())
     sens, spec = _covid_rates(y_true, y_pred, pos)
     reasons: list[str] = []
-    if n >= flag_min_n:
-        for label, value, ref in (
-            ("COVID sensitivity", sens, overall[0]),
-            ("COVID specificity", spec, overall[1]),
-        ):
-            if value is not None and ref is not None and ref - value > flag_margin + 1e-12:
-                reasons.append(f"{label} {value:.2f} vs {ref:.2f} overall")
+    for label, rate, ref in (
+        ("COVID sensitivity", sens, overall[0]),
+        ("COVID specificity", spec, overall[1]),
+    ):
+        # A flag needs flag_min_n cases in the rate's own denominator, not in the subgroup.
+        value = rate.value
+        if rate.n < flag_min_n or value is None or ref is None:
+            continue
+        if ref - value > flag_margin + 1e-12:
+            ci = rate.ci
+            reasons.append(
+                f"{label} {value:.2f} ({rate.k}/{rate.n}, 95% CI {ci[0]:.2f}–{ci[1]:.2f}) "
+                f"vs {ref:.2f} overall"
+            )
     return SubgroupMetrics(
         n=n,
-        accuracy=accuracy,
-        covid_recall=sens,
-        covid_specificity=spec,
+        accuracy=correct / n if n else 0.0,
+        covid_recall=sens.value,
+        covid_specificity=spec.value,
+        n_covid=sens.n,
+        n_non_covid=spec.n,
+        accuracy_ci=wilson_interval(correct, n),
+        covid_recall_ci=sens.ci,
+        covid_specificity_ci=spec.ci,
         flagged=bool(reasons),
         flag_reason="; ".join(reasons) or None,
     )
@@ -256,8 +358,9 @@ def evaluate_predictions(
 
     probs: (N, C) probabilities in `classes` order; y_true: (N,) class indices; groups: a
     DataFrame in the same row order whose `subgroup_columns` (those present) define subgroups.
-    A subgroup with n >= flag_min_n is flagged when its COVID sensitivity or specificity is more
-    than flag_margin below the overall figure (undefined figures are skipped).
+    A subgroup is flagged when its COVID sensitivity (specificity) is more than flag_margin
+    below the overall figure and it holds at least flag_min_n COVID (non-COVID) images, the
+    rate's own denominator; undefined figures are skipped.
     """
     classes = [str(c) for c in classes]
     if POSITIVE_CLASS not in classes:
@@ -279,7 +382,7 @@ def evaluate_predictions(
     cm = confusion_matrix(t, pred, len(classes))
     per_class = per_class_metrics(cm, classes)
     sens, spec = _covid_rates(t, pred, pos)
-    overall = (sens, spec)
+    overall = (sens.value, spec.value)
 
     subgroups: dict[str, dict[str, SubgroupMetrics]] = {}
     flagged: list[str] = []
@@ -309,8 +412,13 @@ def evaluate_predictions(
         macro_f1=float(np.mean([m.f1 for m in per_class.values()])),
         per_class=per_class,
         covid_recall=per_class[POSITIVE_CLASS].recall,
-        covid_specificity=spec if spec is not None else 0.0,
+        covid_specificity=spec.value if spec.value is not None else 0.0,
         ece=expected_calibration_error(p, t),
+        n_covid=sens.n,
+        n_non_covid=spec.n,
+        accuracy_ci=wilson_interval(int((pred == t).sum()), n),
+        covid_recall_ci=sens.ci,
+        covid_specificity_ci=spec.ci,
         confusion=cm.tolist(),
         classes=classes,
         subgroups=subgroups,

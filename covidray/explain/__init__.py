@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .fixed import fit_cam_scale, fixed_class_maps, fixed_scale
 from .gradcam import CamResult, GradCAM, normalize_cam
 from .stats import border_mask, cam_summary, colormap_lut, overlay
 
@@ -11,6 +12,9 @@ __all__ = [
     "border_mask",
     "cam_summary",
     "colormap_lut",
+    "fit_cam_scale",
+    "fixed_class_maps",
+    "fixed_scale",
     "normalize_cam",
     "overlay",
 ]

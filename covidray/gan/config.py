@@ -30,10 +30,16 @@ class DomainFilter(Config):
     @field_validator("source", "age_group", "view", mode="before")
     @classmethod
     def _listify(cls, v: object) -> object:
+        """``"a,b"``, ``["a,b", "c"]`` (a flag given twice) → ``["a", "b", "c"]``; "any" → None."""
         if isinstance(v, str):
-            if v.strip().lower() in ("", "any", "all", "none", "null"):
-                return None
-            return [s.strip() for s in v.split(",") if s.strip()]
+            v = [v]
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            items = [s.strip() for x in v for s in x.split(",") if s.strip()]
+            return (
+                None
+                if [i.lower() for i in items] in ([], ["any"], ["all"], ["none"], ["null"])
+                else items
+            )
         return v
 
     def mask(self, rows: pd.DataFrame) -> np.ndarray:

@@ -1,9 +1,11 @@
 """The disease-progression report (``covidray report``): one self-contained HTML file.
 
 For every patient with two or more studies (distinct ``study_day``, or ``study_date`` where no
-day is known) the report shows a timeline of the COVID probability and the Grad-CAM affected
-area over study time, and thumbnails of the heatmap overlays (the image with its ``cam_png``
-map). A cohort section gives the class counts, the distribution of the probabilities and the
+day is known) the report shows a timeline of the COVID probability and the affected area of
+the COVID-class map on the model's fixed scale (``cam_covid_area``, comparable between
+studies; :mod:`covidray.explain.fixed`), and thumbnails of the heatmap overlays (the image with
+its per-image ``cam_png`` map) next to that fixed-scale map. A cohort section gives the class
+counts, the distribution of the probabilities and the
 flagged studies: maps whose mass sits in the image border ("likely shortcut": markers, text,
 collimation edges; DeGrave et al. 2021) and images that could not be scored.
 
@@ -30,11 +32,30 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 from .. import storage
+from ..config import DecodeConfig
+from ..datapaths import OutsideDataset, resolve_inside
 from ..labels import CLASSES
 from ..score.results import read_predictions
 from .config import ReportConfig
 
 PROB_COLUMNS = tuple(f"prob_{c}" for c in CLASSES)
+LOCALISATION_CAVEAT = (
+    "The localisation of the shipped backbone has not been validated against lesion masks on "
+    "real films: its maps were checked only on synthetic phantoms (the pointing game). Read "
+    "the maps and their areas as where the model looked, not as the extent of disease."
+)
+FIXED_SCALE_NOTE = (
+    "COVID-19 map (model scale): the COVID-19 class's Grad-CAM divided by a constant of the "
+    "model (the 99th percentile of its values on the validation split) and clipped to [0, 1]; "
+    "its area (share at or above 0.5) is what the timelines plot, comparable between studies "
+    "and independent of the predicted label. The overlays show the map of the predicted class, "
+    "normalised to its own maximum: fine within one film, not comparable between films."
+)
+NO_FIXED_SCALE = (
+    "No model-scale COVID-19 map for every study here (the model card has no cam_covid_scale, "
+    "or the images were scored before it): the area plotted is the per-image map's, which is "
+    "not comparable between studies."
+)
 
 
 class ReportSummary(BaseModel):
@@ -44,6 +65,7 @@ class ReportSummary(BaseModel):
     model_version: str | None
     n_images: int
     n_errors: int
+    n_out_of_scope: int = 0
     n_patients: int  # with two or more studies
     n_flagged: int
 
@@ -64,7 +86,9 @@ def load_scores(cfg: ReportConfig) -> tuple[pd.DataFrame, str | None]:
     if version is not None:
         table = table.filter(pc.field("model_version") == version)
     df = table.drop_columns(["run_date"]).to_pandas()
-    df["image_uri"] = df["uri"]
+    # Images only through the dataset's manifest (cfg.data), by image_id: the stored ``uri``
+    # may be a source path kept for a research set, or no path at all (image:<image_id>).
+    df["image_uri"] = None
     if cfg.data:
         df = _with_manifest(df, cfg.data)
     return df.reset_index(drop=True), version
@@ -87,9 +111,17 @@ def _with_manifest(df: pd.DataFrame, data: str) -> pd.DataFrame:
             fill = df.loc[known, "image_id"].map(m[col])
             df.loc[known, col] = df.loc[known, col].where(df.loc[known, col].notna(), fill)
     df.loc[known, "image_uri"] = df.loc[known, "image_id"].map(
-        lambda i: storage.resolve(base, m.at[i, "uri"])
+        lambda i: _image_uri(base, m.at[i, "uri"])
     )
     return df
+
+
+def _image_uri(base: str, rel: Any) -> str | None:
+    """The manifest's image; None (the map alone) for a path that would leave the dataset."""
+    try:
+        return resolve_inside(base, rel)
+    except OutsideDataset:
+        return None
 
 
 def _study_key(row: pd.Series) -> tuple[str, Any] | None:
@@ -158,16 +190,27 @@ def _pyplot() -> Any:
     return plt
 
 
+def has_fixed_scale(rows: pd.DataFrame) -> bool:
+    """Whether every row has the COVID-class map on the model's fixed scale (its area)."""
+    return "cam_covid_area" in rows and bool(rows["cam_covid_area"].notna().all())
+
+
 def timeline_png(rows: pd.DataFrame, is_date: bool) -> bytes:
-    """COVID probability and CAM area over study time (points per image, line per study)."""
+    """COVID probability and the affected area over study time (points per image, line per
+    study). The area is the COVID-class map's on the model's fixed scale where every image has
+    one (comparable between studies, whatever the label); else the per-image map's."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 2.6))
     t = rows["t"].to_numpy(dtype=float)
-    mean = rows.groupby("t")[["prob_covid", "cam_area"]].mean()
+    fixed = has_fixed_scale(rows)
+    area = "cam_covid_area" if fixed else "cam_area"
+    label = "COVID-19 map area (model scale)" if fixed else "CAM area (per image, not comparable)"
+    values = rows.assign(area=pd.to_numeric(rows[area], errors="coerce"))
+    mean = values.groupby("t")[["prob_covid", "area"]].mean()
     ax.plot(mean.index, mean["prob_covid"], "-", color="#c0392b", lw=2, label="P(COVID-19)")
     ax.plot(t, rows["prob_covid"], "o", color="#c0392b", ms=5)
-    ax.plot(mean.index, mean["cam_area"], "--", color="#2471a3", lw=2, label="CAM area")
-    ax.plot(t, rows["cam_area"], "s", color="#2471a3", ms=4)
+    ax.plot(mean.index, mean["area"], "--", color="#2471a3", lw=2, label=label)
+    ax.plot(t, values["area"], "s", color="#2471a3", ms=4)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("days since first dated study" if is_date else "study day")
     ax.set_ylabel("probability / area")
@@ -193,11 +236,17 @@ def histogram_png(df: pd.DataFrame) -> bytes:
     return _figure_png(fig)
 
 
-def thumbnail_png(image_uri: str | None, cam_png: bytes | None, height: int) -> tuple[bytes, bool]:
+def thumbnail_png(
+    image_uri: str | None,
+    cam_png: bytes | None,
+    height: int,
+    max_bytes: int = DecodeConfig().max_bytes,
+) -> tuple[bytes, bool]:
     """The image with its map (jet, alpha 0.4), ``height`` px high; ``(png, had_image)``.
 
     The map covers the whole film (the model saw it squashed to a square), so it is stretched
-    over the image at its own aspect ratio. Without a readable image, the map alone.
+    over the image at its own aspect ratio. Without a readable image, or for one larger than
+    ``max_bytes`` (checked before its bytes are fetched), the map alone.
     """
     import torch
     from PIL import Image
@@ -210,7 +259,7 @@ def thumbnail_png(image_uri: str | None, cam_png: bytes | None, height: int) -> 
     gray = None
     if image_uri:
         try:
-            img = decode_array(storage.read_bytes(image_uri))
+            img = decode_array(storage.read_bytes(image_uri, max_bytes=max_bytes))
             h, w = img.shape
             width = max(1, round(height * w / h))
             small = Image.fromarray(img, mode="F").resize((width, height), Image.Resampling.BOX)
@@ -281,10 +330,11 @@ figure{margin:0;text-align:center;font-size:.8rem}figure img{border:1px solid #a
 
 def render_report(df: pd.DataFrame, version: str | None, cfg: ReportConfig) -> tuple[str, int, int]:
     """``(html, n_patients, n_flagged)`` for the rows of one model version."""
-    scored = df[df["error"].isna()]
+    gated = out_of_scope(df)
+    scored = df[df["error"].isna() & ~gated]
     errors = df[df["error"].notna()]
     flagged = scored[scored["cam_border_energy"] >= cfg.shortcut_threshold]
-    patients = progression_patients(df)
+    patients = progression_patients(df[~gated])
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html>",
@@ -293,12 +343,15 @@ def render_report(df: pd.DataFrame, version: str | None, cfg: ReportConfig) -> t
         f"<title>{_e(cfg.title)}</title><style>{_CSS}</style></head><body>",
         f"<header><h1>{_e(cfg.title)}</h1>",
         f'<p class="meta">Model version <code>{_e(version or "none")}</code> · '
-        f"{len(df)} image(s), {len(errors)} error(s) · generated {now}</p>",
+        f"{len(df)} image(s), {int(gated.sum())} out of scope, {len(errors)} error(s) · "
+        f"generated {now}</p>",
         '<p class="note">Research software, not a medical device. Grad-CAM shows where the model '
         "looked, not where disease is; maps in the border of the film suggest a shortcut.</p>",
+        f'<p class="note caveat">{_e(LOCALISATION_CAVEAT)}</p>',
         "</header>",
     ]
     parts.append(_cohort_section(df, scored, errors, flagged, cfg))
+    parts.append(_out_of_scope_section(df[gated]))
     parts.append(f'<section id="patients"><h2>Patients with several studies ({len(patients)})</h2>')
     if not patients:
         parts.append('<p class="note">No patient has two or more studies with a known time.</p>')
@@ -308,7 +361,8 @@ def render_report(df: pd.DataFrame, version: str | None, cfg: ReportConfig) -> t
     parts.append(
         '<footer class="note"><p>Probabilities are the model\'s softmax outputs. CAM area: share '
         "of the map at or above half its maximum. Border energy: share of the map's mass in the "
-        f"outer 10% of the film; flagged at ≥ {cfg.shortcut_threshold:g}.</p></footer>"
+        f"outer 10% of the film; flagged at ≥ {cfg.shortcut_threshold:g}. {_e(FIXED_SCALE_NOTE)}"
+        "</p></footer>"
     )
     parts.append("</body></html>")
     return "\n".join(parts), len(patients), len(flagged)
@@ -330,6 +384,9 @@ def _cohort_section(
         ]
         for c in CLASSES
     ]
+    rows.append(
+        ["out of scope", f'<span class="num">{len(df) - len(scored) - len(errors)}</span>', ""]
+    )
     rows.append(["errors", f'<span class="num">{len(errors)}</span>', ""])
     rows.append(["<b>total</b>", f'<span class="num"><b>{len(df)}</b></span>', ""])
     out = [
@@ -390,6 +447,33 @@ def _cohort_section(
     return "\n".join(out)
 
 
+def out_of_scope(df: pd.DataFrame) -> pd.Series:
+    """Rows the input gate refused (``in_scope`` false; absent in files from before the gate)."""
+    if "in_scope" not in df:
+        return pd.Series(False, index=df.index)
+    return df["error"].isna() & df["in_scope"].eq(False)
+
+
+def _out_of_scope_section(gated: pd.DataFrame) -> str:
+    """Counts of the images the input gate refused, by reason (they keep their row)."""
+    out = [f'<section id="out-of-scope"><h2>Out of scope ({len(gated)})</h2>']
+    out.append(
+        '<p class="note">Not a frontal chest X-ray by its DICOM header or the image gate: scored '
+        "and kept, but given no label and left out of the counts and timelines above.</p>"
+    )
+    if len(gated):
+        reasons = Counter(gated["gate_reason"].fillna("unknown"))
+        out.append(
+            _table(
+                ["reason", "images"],
+                [[_e(k), f'<span class="num">{v}</span>'] for k, v in reasons.most_common()],
+                "out-of-scope",
+            )
+        )
+    out.append("</section>")
+    return "\n".join(out)
+
+
 def _patient_section(pid: str, rows: pd.DataFrame, cfg: ReportConfig) -> str:
     is_date = not pd.to_numeric(rows["study_day"], errors="coerce").notna().all()
     n_studies = rows["study_key"].nunique()
@@ -399,8 +483,10 @@ def _patient_section(pid: str, rows: pd.DataFrame, cfg: ReportConfig) -> str:
         f'<p class="meta">{n_studies} studies, {len(rows)} image(s)</p>',
         f'<img class="timeline" alt="timeline of patient {_e(pid)}" '
         f'src="{_png_data_uri(timeline_png(rows, is_date))}">',
-        '<div class="thumbs">',
     ]
+    if not has_fixed_scale(rows):
+        out.append(f'<p class="note">{_e(NO_FIXED_SCALE)}</p>')
+    out.append('<div class="thumbs">')
     for r in rows.head(cfg.max_thumbs).itertuples():
         png, had_image = thumbnail_png(r.image_uri, r.cam_png, cfg.thumb_size)
         flag = (
@@ -409,11 +495,17 @@ def _patient_section(pid: str, rows: pd.DataFrame, cfg: ReportConfig) -> str:
             else ""
         )
         missing = "" if had_image else '<br><span class="note">image not available</span>'
+        covid_png = getattr(r, "cam_covid_png", None)
+        covid_img, covid_area = "", ""
+        if isinstance(covid_png, bytes):
+            fixed_png, _ = thumbnail_png(r.image_uri, covid_png, cfg.thumb_size)
+            covid_img = f'<img alt="COVID-19 map (model scale)" src="{_png_data_uri(fixed_png)}">'
+            covid_area = f" · COVID area {_fmt(getattr(r, 'cam_covid_area', None))}"
         out.append(
             f'<figure class="thumb" data-image-id="{_e(r.image_id)}">'
-            f'<img alt="Grad-CAM overlay" src="{_png_data_uri(png)}">'
+            f'<img alt="Grad-CAM overlay" src="{_png_data_uri(png)}">{covid_img}'
             f"<figcaption>{_e(_study_label(pd.Series(r._asdict())))}<br>{_e(r.label)} · "
-            f"P(COVID) {_fmt(r.prob_covid)} · area {_fmt(r.cam_area)}{flag}{missing}"
+            f"P(COVID) {_fmt(r.prob_covid)} · area {_fmt(r.cam_area)}{covid_area}{flag}{missing}"
             "</figcaption></figure>"
         )
     if len(rows) > cfg.max_thumbs:
@@ -432,6 +524,7 @@ def build_report(cfg: ReportConfig) -> ReportSummary:
         model_version=version,
         n_images=len(df),
         n_errors=int(df["error"].notna().sum()),
+        n_out_of_scope=int(out_of_scope(df).sum()),
         n_patients=n_patients,
         n_flagged=n_flagged,
     )

@@ -29,6 +29,10 @@ R = TypeVar("R")
 MALLOC_TUNABLES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 # Set by Ray's job manager in a submitted job's driver: the job's config, its runtime env too.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Ray resolves a node address of 127.0.0.1 to the machine's routable address (and binds its
+# metrics exporter and servers to every interface) unless this is off; it is read when Ray is
+# imported. Off, a local Ray is the single-machine Ray that macOS and Windows get by default.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def reexec_with_malloc_tunables() -> None:
@@ -75,20 +79,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> None:
     """Initialise Ray once: join ``RAY_ADDRESS`` if set, otherwise start a local cluster.
 
-    A local cluster gets a loopback-only dashboard on a free port, and its workers are told
-    that port (``RAY_API_SERVER_ADDRESS``). Ray Train's placement-group cleaner polls Ray's
-    state API every second; without the dashboard it warns on every poll, and with a second
-    Ray on the same machine it cannot tell which one it belongs to and may remove a live
-    run's placement group (killing its workers).
+    A local cluster lives on 127.0.0.1 (node address, metrics exporter, dashboard): the
+    embedded default serves this machine only. Its dashboard takes a free port, and its
+    workers are told that port (``RAY_API_SERVER_ADDRESS``). Ray Train's placement-group
+    cleaner polls Ray's state API every second; without the dashboard it warns on every poll,
+    and with a second Ray on the same machine it cannot tell which one it belongs to and may
+    remove a live run's placement group (killing its workers).
     """
+    address = os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
     import ray
 
+    from .logs import ray_started  # a command's output routing: Ray's output to its log file
+
     if ray.is_initialized():
+        ray_started()
         return
-    address = os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": log_to_driver}
     if address:
         ray.init(address=address, runtime_env=worker_runtime_env(), **kwargs)
+        ray_started()
         return
     port = free_port()
     ray.init(
@@ -99,6 +111,7 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> No
         runtime_env=worker_runtime_env({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}),
         **kwargs,
     )
+    ray_started()
 
 
 def cluster_has_gpus() -> bool:
@@ -114,9 +127,13 @@ def map_chunks(
     *args: Any,
     progress: Callable[[int, int], None] | None = None,
     max_retries: int = 2,
+    on_error: Callable[[Sequence[T], Exception], list[R]] | None = None,
 ) -> list[R]:
     """``fn(chunk, *args)`` for every chunk as a one-CPU Ray task with the workers' env,
-    concatenated in chunk order; ``progress(items done, items total)`` as chunks finish."""
+    concatenated in chunk order; ``progress(items done, items total)`` as chunks finish.
+
+    A task that fails (its exception, or its worker died ``max_retries + 1`` times) raises
+    here, unless ``on_error(chunk, error)`` gives that chunk's results instead."""
     import ray
 
     ensure_ray()
@@ -125,13 +142,19 @@ def map_chunks(
     )
     pending = {task.remote(chunk, *args): len(chunk) for chunk in chunks}
     order = list(pending)
+    chunk_of = dict(zip(order, chunks, strict=True))
     total = sum(pending.values())
     results: dict[Any, list[R]] = {}
     done = 0
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            results[ref] = ray.get(ref)
+            try:
+                results[ref] = ray.get(ref)
+            except Exception as err:  # RayTaskError, WorkerCrashedError, ...
+                if on_error is None:
+                    raise
+                results[ref] = on_error(chunk_of[ref], err)
             done += pending.pop(ref)
             if progress:
                 progress(done, total)

@@ -50,6 +50,12 @@ class ScoreConfig(Config):
     )
     decode_memory_mb: int = Field(768, ge=1, description="memory reserved per decode task")
     rows_per_file: int = Field(1024, ge=1, description="prediction rows per Parquet file")
+    write_retry_s: float = Field(
+        600.0,
+        ge=0,
+        description="retry a prediction file's write through transient storage errors (an "
+        "outage) for this long, then fail the run (the rerun scores what has no row)",
+    )
     run_date: str | None = Field(
         None, description="partition date YYYY-MM-DD (default: today, UTC)"
     )
@@ -59,5 +65,21 @@ class ScoreConfig(Config):
     wait_for_workers_s: int = Field(
         900, ge=0, description="wait this long for the actors (model load) before reading"
     )
+    lock: bool = Field(
+        True, description="hold OUT/_lock.json while running: one run per output at a time"
+    )
+    lock_stale_after_s: float = Field(
+        600.0,
+        gt=0,
+        description="a lock without a heartbeat for this long is a crashed run's: taken over",
+    )
+    lock_wait_s: float = Field(
+        0.0, ge=0, description="wait this long for another run's lock before giving up"
+    )
     decode: DecodeConfig = DecodeConfig()
     pseudonym_key: PseudonymKey
+    keep_source_paths: bool = Field(
+        False,
+        description="with a pseudonym key, keep source paths in the uri column anyway (else "
+        "image:<image_id>): only for research sets whose file names identify no one",
+    )

@@ -1,10 +1,19 @@
-"""What a scoring run reads: a dataset's manifest rows, or the image files under a prefix."""
+"""What a scoring run reads: a dataset's manifest rows, or the image files under a prefix.
+
+Every item's size is known before its bytes are fetched where a listing is cheap: a prefix's
+from its listing, a dataset's from a listing of its folder when more than one row in a thousand
+is to be read (one LIST per thousand objects in place of a HEAD per image; otherwise the read
+stage HEADs each image first). A manifest row whose ``uri`` would leave the dataset (absolute, a
+URI, ``..`` climbing out: :mod:`covidray.datapaths`) is never read: it becomes a failed row with
+the reason ``bad_path``, under the URI ``<manifest>#row=<i>``.
+"""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
 from .. import storage
+from ..datapaths import OutsideDataset, resolve_inside
 from ..manifest import MANIFEST_NAME, manifest_base, read_manifest
 from . import results
 from .config import ScoreConfig
@@ -17,8 +26,11 @@ ITEM_SCHEMA = pa.schema(
         pa.field("study_day", pa.float32()),
         pa.field("study_date", pa.string()),
         pa.field("size", pa.int64()),
+        pa.field("error", pa.string()),  # set: not to be read (bad_path), a failed row
+        pa.field("error_detail", pa.string()),
     ]
 )
+BAD_PATH = "bad_path"
 
 
 def is_dataset(uri: str) -> bool:
@@ -46,10 +58,29 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
         ids = col("image_id", pa.string())
         keep = [i for i, image_id in enumerate(ids) if image_id not in done]
         uris = col("uri", pa.string())
+        manifest_uri = (
+            cfg.data if cfg.data.endswith(".parquet") else storage.join(base, MANIFEST_NAME)
+        )
+        resolved, errors, details = [], [], []
+        for i in keep:
+            try:
+                resolved.append(resolve_inside(base, uris[i]))
+                errors.append(None)
+                details.append(None)
+            except OutsideDataset as err:
+                resolved.append(f"{manifest_uri}#row={i}")
+                errors.append(BAD_PATH)
+                details.append(f"uri: {err.reason}")
+        sizes = _listed_sizes(base) if len(keep) > n // 1000 else {}
         cols = {
             "image_id": [ids[i] for i in keep],
-            "uri": [storage.resolve(base, uris[i]) for i in keep],
-            "size": [None] * len(keep),
+            "uri": resolved,
+            "size": [
+                None if e else sizes.get(storage.filesystem(u)[1])
+                for u, e in zip(resolved, errors, strict=True)
+            ],
+            "error": errors,
+            "error_detail": details,
         }
         for name, typ in (
             ("patient_id", pa.string()),
@@ -84,7 +115,17 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
             "study_day": [None] * n,
             "study_date": [None] * n,
             "size": sizes,
+            "error": [None] * n,
+            "error_detail": [None] * n,
         },
         schema=ITEM_SCHEMA,
     )
     return "prefix", table, 0
+
+
+def _listed_sizes(base: str) -> dict[str, int]:
+    """Filesystem path → size of every object under the dataset folder ``base``."""
+    results.fresh_listing(base)
+    fs, path = storage.filesystem(base)
+    found = fs.find(path, detail=True)
+    return {p: int(info["size"]) for p, info in found.items() if info.get("size") is not None}

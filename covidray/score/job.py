@@ -10,8 +10,9 @@ Incremental and idempotent: before reading anything the driver collects the ``im
 every row already written for this model version (a prediction or a decode error). Dataset
 inputs are filtered before their bytes are read; prefix inputs are hashed and then dropped
 without decoding. Since files are atomic and only complete files count, a run killed at any
-point leaves complete batches only, and the next run scores exactly the rest. (Two runs on the
-same output at the same time could both score an image: schedule one at a time.)
+point leaves complete batches only, and the next run scores exactly the rest. One run per
+output at a time: a run holds the output's lock (:mod:`.lock`) from before it lists the inputs
+to its end, and another run on the same output refuses to start (:class:`.lock.LockHeld`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from pydantic import BaseModel
 
 from .. import storage
 from ..config import secret_bytes
-from ..modeldir import read_card
+from ..modeldir import WEIGHTS_NAME, _read_verified, read_card
+from ..preprocess import check_card
 from ..runtime.cluster import ensure_ray
 from ..runtime.threads import physical_cores
 from . import results
 from .config import ScoreConfig
 from .inputs import list_inputs
+from .lock import OutputLock
 from .stages import ScoreWorker, read_decode, write_batch
 
 
@@ -41,16 +44,20 @@ class ScoreResult(BaseModel):
 
     out: str
     model_version: str
+    scoring_version: str
     run_date: str
     input_kind: str  # manifest | prefix
     n_inputs: int
     n_scored: int
+    n_out_of_scope: int = 0  # refused by the input gate (a row each, counted by reason)
     n_errors: int
-    n_skipped: int  # already scored by this model version
+    n_retry: int = 0  # of the errors: read again on the next run
+    n_skipped: int  # done already for this scoring version
     error_reasons: dict[str, int]
+    gate_reasons: dict[str, int] = {}
     n_files: int
     elapsed_s: float  # first image read → last row written
-    img_per_s: float  # n_scored / elapsed_s
+    img_per_s: float  # (n_scored + n_out_of_scope) / elapsed_s
     startup_s: float  # Ray connection + actor start (model load), before the first read
     wall_s: float
     device: str = ""  # the scoring actors'
@@ -72,7 +79,13 @@ def plan_actors(
     cfg: ScoreConfig, cluster: dict[str, float], available: dict[str, float], cores: int
 ) -> ActorPlan:
     """Resolve the config's defaults against the cluster (``ray.cluster_resources()``,
-    ``ray.available_resources()``) and this node's physical ``cores``."""
+    ``ray.available_resources()``) and this node's physical ``cores``. Asking for CUDA on a
+    cluster without GPUs is an error here, not an actor that never starts."""
+    if (cfg.device or "").startswith("cuda") and cluster.get("GPU", 0) <= 0:
+        raise ValueError(
+            f"--device {cfg.device}: the Ray cluster has no GPU; use --device cpu, or a cluster "
+            "with GPUs"
+        )
     use_gpu = cluster.get("GPU", 0) > 0 and cfg.device in (None, "cuda")
     device = "cuda" if use_gpu else (cfg.device or "cpu")
     if device == "cuda":
@@ -92,6 +105,16 @@ def plan_actors(
 def run_score(
     cfg: ScoreConfig, on_plan: Callable[[str, int, int], None] | None = None
 ) -> ScoreResult:
+    """:func:`_run_score` holding the output's lock (unless ``cfg.lock`` is off)."""
+    if not cfg.lock:
+        return _run_score(cfg, on_plan)
+    with OutputLock(cfg.out, stale_after_s=cfg.lock_stale_after_s, wait_s=cfg.lock_wait_s):
+        return _run_score(cfg, on_plan)
+
+
+def _run_score(
+    cfg: ScoreConfig, on_plan: Callable[[str, int, int], None] | None = None
+) -> ScoreResult:
     """Score ``cfg.data`` with ``cfg.model`` into ``cfg.out`` (see the module docstring).
 
     ``on_plan(kind, n_to_read, n_skipped)`` is called once the inputs are listed.
@@ -100,7 +123,11 @@ def run_score(
 
     t_start = time.time()
     card = read_card(cfg.model)
-    version, size = card.model_version, int(card.preprocessing.input_size)
+    version, size = card.scoring_version, int(card.preprocessing.input_size)
+    check_card(card.preprocessing)
+    # A corrupted or missing weights file is refused here, in one line (ModelLoadError), not
+    # as a scoring actor that dies while Ray Data waits for it.
+    _read_verified(cfg.model, WEIGHTS_NAME, card.weights_sha256)
     run_date = cfg.run_date or datetime.now(UTC).date().isoformat()
     done = results.scored_ids(cfg.out, version)
     kind, items, n_skipped = list_inputs(cfg, done)
@@ -108,7 +135,8 @@ def run_score(
         on_plan(kind, items.num_rows, n_skipped)
     result = ScoreResult(
         out=storage.normalize(cfg.out),
-        model_version=version,
+        model_version=card.model_version,
+        scoring_version=version,
         run_date=run_date,
         input_kind=kind,
         n_inputs=items.num_rows + n_skipped,
@@ -139,10 +167,12 @@ def run_score(
         batch_format="numpy",
         fn_kwargs={
             "size": size,
+            "shorter_side": card.preprocessing.shorter_side,
             "done": frozenset(done) if kind == "prefix" else frozenset(),
             "max_bytes": cfg.decode.max_bytes,
             "max_pixels": cfg.decode.max_pixels,
             "pseudonym_key": key,
+            "keep_source_paths": cfg.keep_source_paths,
         },
         # Reads mostly wait on storage: no Ray CPU, a cap on how many run at once instead.
         num_cpus=0,
@@ -179,31 +209,34 @@ def run_score(
         fn_kwargs={
             "out": cfg.out,
             "run_date": run_date,
-            "model_version": version,
+            "scoring_version": version,
             "overlays": cfg.overlays,
+            "write_retry_s": cfg.write_retry_s,
         },
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=2),
     )
+    counts: Counter[str] = Counter(n_skipped=n_skipped)
     reasons: Counter[str] = Counter()
-    n_scored = n_errors = n_files = 0
+    gated: Counter[str] = Counter()
     first_read, last_write = float("inf"), 0.0
     for summary in ds.iter_rows():
-        n_scored += int(summary["n_scored"])
-        n_errors += int(summary["n_errors"])
-        n_skipped += int(summary["n_skipped"])
-        n_files += bool(summary["file"])
+        for key in ("n_scored", "n_out_of_scope", "n_errors", "n_retry", "n_skipped"):
+            counts[key] += int(summary[key])
+        counts["n_files"] += bool(summary["file"])
         reasons.update(json.loads(summary["reasons"]))
+        gated.update(json.loads(summary["gate_reasons"]))
         first_read = min(first_read, float(summary["t_first_read"]))
         last_write = max(last_write, float(summary["t_written"]))
     elapsed = max(last_write - first_read, 1e-9)
+    n_scored = counts["n_scored"] + counts["n_out_of_scope"]  # through the model or gated
     return result.model_copy(
         update={
-            "n_scored": n_scored,
-            "n_errors": n_errors,
-            "n_skipped": n_skipped,
+            **{k: counts[k] for k in ("n_scored", "n_out_of_scope", "n_errors", "n_retry")},
+            "n_skipped": counts["n_skipped"],
+            "n_files": counts["n_files"],
             "error_reasons": dict(reasons),
-            "n_files": n_files,
+            "gate_reasons": dict(gated),
             "elapsed_s": round(elapsed, 3),
             "img_per_s": round(n_scored / elapsed, 2),
             "startup_s": round(max(0.0, first_read - t_start), 3),

@@ -2,15 +2,15 @@
 
 Layout under the job's output folder ``OUT``::
 
-    OUT/predictions/run_date=YYYY-MM-DD/part-<model_version>-<digest>.parquet
+    OUT/predictions/run_date=YYYY-MM-DD/part-<scoring_version>-<digest>.parquet
     OUT/overlays/<image_id>.png                  (only with --overlays)
 
 Each Parquet file holds one batch of rows and is written in one atomic PUT / rename
 (:func:`covidray.storage.write_parquet`), so a reader (or a rerun) only ever sees complete
 files. ``<digest>`` is derived from the rows' keys (``image_id``, or ``uri`` for rows without
-one): a batch that is retried writes the same name again instead of a second copy. A row counts
-as done for its ``(image_id, model_version)``; reruns skip those, so re-running after a crash
-adds only what is missing.
+one): a batch that is retried writes the same name again instead of a second copy. A done row
+(:data:`DONE`) counts for its ``(image_id, scoring_version)``; reruns skip those, so re-running
+after a crash adds only what is missing, and images whose rows say retry are read again.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ PREDICTIONS_DIR = "predictions"
 OVERLAYS_DIR = "overlays"
 PARTITION_KEY = "run_date"
 
+# What a row says about its image (the ``status`` column). Done rows are not read again for
+# their scoring version: scored; out of scope (the input gate refused it, scores kept when the
+# image layer decided); failed (the bytes, whose hash is known, cannot be decoded). Retry rows
+# are tried again on the next run: unreadable (a storage error, an outage).
+SCORED, OUT_OF_SCOPE, FAILED, RETRY = "scored", "out_of_scope", "failed", "retry"
+DONE = frozenset({SCORED, OUT_OF_SCOPE, FAILED})
+STATUSES = (SCORED, OUT_OF_SCOPE, FAILED, RETRY)
+
 SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string()),  # sha256 of the raw bytes; null if unreadable
@@ -39,13 +47,22 @@ SCHEMA = pa.schema(
         pa.field("study_day", pa.float32()),
         pa.field("study_date", pa.string()),
         *[pa.field(f"prob_{c}", pa.float32()) for c in CLASSES],
-        pa.field("label", pa.string()),  # predicted class
+        pa.field("label", pa.string()),  # predicted class; null when out of scope
+        pa.field("status", pa.string()),  # scored | out_of_scope | failed | retry
+        pa.field("in_scope", pa.bool_()),  # the input gate's verdict
+        pa.field("gate_reason", pa.string()),  # modality:CT, view:LL, ood_image, ...
+        pa.field("ood_score", pa.float32()),  # the gate's image-layer score
         pa.field("model_version", pa.string(), nullable=False),
+        pa.field("scoring_version", pa.string()),  # weights + every card field that matters
         pa.field("cam_area", pa.float32()),
         pa.field("cam_peak_y", pa.float32()),
         pa.field("cam_peak_x", pa.float32()),
         pa.field("cam_border_energy", pa.float32()),
         pa.field("cam_png", pa.binary()),  # raw Grad-CAM at the target layer, 8-bit PNG
+        # COVID-class map on the model's fixed scale (explain.fixed), comparable across studies;
+        # null when the model card has no cam_covid_scale or the row has no patient_id
+        pa.field("cam_covid_area", pa.float32()),
+        pa.field("cam_covid_png", pa.binary()),
         pa.field("error", pa.string()),  # reason code (decode.DecodeReason or unreadable...)
         pa.field("error_detail", pa.string()),
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -107,16 +124,18 @@ def _null(value: Any) -> Any:
         return None
 
 
-def write_part(table: pa.Table, out: str, run_date: str, model_version: str) -> str:
-    """Write one batch atomically under its deterministic name; returns its URI."""
+def write_part(table: pa.Table, out: str, run_date: str, version: str, retry_s: float = 0.0) -> str:
+    """Write one batch atomically under its deterministic name; returns its URI. Transient
+    storage errors are retried for ``retry_s`` seconds (the name makes a retry idempotent);
+    then :class:`covidray.storage.StorageUnavailable`."""
     keys = (
         row_key(i, u)
         for i, u in zip(
             table.column("image_id").to_pylist(), table.column("uri").to_pylist(), strict=True
         )
     )
-    uri = storage.join(partition_uri(out, run_date), part_name(keys, model_version))
-    storage.write_parquet(table.cast(SCHEMA), uri)
+    uri = storage.join(partition_uri(out, run_date), part_name(keys, version))
+    storage.write_parquet(table.cast(SCHEMA), uri, retry_s=retry_s)
     return uri
 
 
@@ -201,7 +220,15 @@ def _latest(table: pa.Table) -> pa.Table:
     return table.take(pa.array(sorted(best.values()), pa.int64()))
 
 
-def scored_ids(out: str, model_version: str) -> set[str]:
-    """image_ids that already have a row (a prediction or a decode error) for this model."""
-    table = read_predictions(out, columns=["image_id"], model_version=model_version)
-    return {i for i in table.column("image_id").to_pylist() if i}
+def scored_ids(out: str, scoring_version: str) -> set[str]:
+    """image_ids with a done row (scored, out of scope, failed) for this scoring version; an
+    image whose rows all say retry is read again."""
+    table = read_predictions(out, columns=["image_id", "status", "scoring_version"])
+    ids = table.column("image_id").to_pylist()
+    statuses = table.column("status").to_pylist()
+    versions = table.column("scoring_version").to_pylist()
+    return {
+        i
+        for i, s, v in zip(ids, statuses, versions, strict=True)
+        if i and v == scoring_version and s in DONE
+    }

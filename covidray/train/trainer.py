@@ -16,10 +16,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from .. import storage
-from ..dataset import load_rows, training_data_hash
+from ..dataset import load_rows, shorter_side, training_data_hash
 from ..evaluation.evaluate import evaluate_rows
+from ..gate import GateStats
 from ..labels import CLASSES
-from ..modeldir import ModelCard, save_model_dir
+from ..modeldir import WEIGHTS_NAME, ModelCard, read_card, save_model_dir
+from ..posthoc import fit_outputs
+from ..predict import Predictor
+from ..preprocess import check_card
 from ..runtime.cluster import call_on_worker
 from ..runtime.threads import threads_per_worker
 from ..runtime.train import EpochCallback, checkpoint_dir, fit_on_ray, worker_env
@@ -58,7 +62,15 @@ def run_training(
     logged); ``step_hook(epoch=, step=, rank=)`` runs on the workers before every step.
     """
     started = time.time()
+    cfg, parent = resolve_parent(cfg)
     rows = load_rows(cfg.data, cfg.augment_with)  # fail fast, before any worker starts
+    side = shorter_side(rows)  # one ingest normalisation for the whole card, or a refusal
+    if parent is not None and side != parent.preprocessing.shorter_side:
+        raise ValueError(
+            f"the data were ingested at a shorter side of {side} px, the model to fine-tune at "
+            f"{parent.preprocessing.shorter_side} px: re-ingest them with --size "
+            f"{parent.preprocessing.shorter_side}"
+        )
     splits = set(rows["split"])
     if not {"train", "val"} <= splits:
         raise ValueError(f"{cfg.data}: need labelled train and val rows (found {sorted(splits)})")
@@ -86,6 +98,36 @@ def run_training(
     )
 
 
+def resolve_parent(cfg: TrainConfig) -> tuple[TrainConfig, ModelCard | None]:
+    """For fine-tuning (``cfg.init_from``): the parent's weights (verified by digest),
+    architecture, input size and flip TTA in the config, and the parent's card."""
+    if cfg.init_from is None:
+        return cfg, None
+    parent = read_card(cfg.init_from)
+    check_card(parent.preprocessing)
+    inherited = {
+        "backbone": parent.backbone,
+        "head": parent.head,
+        "input_size": parent.preprocessing.input_size,
+        "tta_hflip": parent.tta_hflip,
+        "weights": storage.join(cfg.init_from, WEIGHTS_NAME),
+        "weights_sha256": parent.weights_sha256,
+    }
+    return TrainConfig.model_validate({**cfg.model_dump(mode="json"), **inherited}), parent
+
+
+def lineage(parent: ModelCard) -> list[dict[str, Any]]:
+    """The card's ``lineage`` for a model fine-tuned from ``parent``: nearest first."""
+    entry = {
+        "model_version": parent.model_version,
+        "scoring_version": parent.scoring_version,
+        "backbone": parent.backbone,
+        "training_data_hash": parent.training_data_hash,
+        "created_at": parent.created_at,
+    }
+    return [entry, *parent.lineage]
+
+
 def finalize_run(
     cfg_dump: dict[str, Any], checkpoint: Any, run_path: str, use_gpu: bool, started: float
 ) -> TrainResult:
@@ -101,26 +143,15 @@ def finalize_run(
         state, best_weights = load_checkpoint(d)
     model = build_model(cfg.backbone, len(CLASSES), None, head=cfg.head)
     model.load_state_dict(best_weights)
-    model.eval().to(device)
+    model.eval()
     rows = load_rows(cfg.data, cfg.augment_with)
-    reports = {}
-    for split in ("val", "test"):
-        split_rows = rows[rows["split"] == split].reset_index(drop=True)
-        if not split_rows.empty:
-            reports[split] = evaluate_rows(
-                model,
-                split_rows,
-                cfg.input_size,
-                tta_hflip=cfg.tta_hflip,
-                batch_size=cfg.eval_batch_size,
-            )
-    model.cpu()
     history = list(state["history"])
     best = dict(state["best"])
     counts = rows.groupby(["split", "label"]).size()
-    card = ModelCard.for_model(
+    unfitted = ModelCard.for_model(
         model,
         cfg.input_size,
+        shorter_side(rows),
         tta_hflip=cfg.tta_hflip,
         training_data_hash=training_data_hash(rows),
         training={
@@ -136,9 +167,28 @@ def finalize_run(
             "history": history,
         },
         training_config=cfg.model_dump(mode="json"),
+        lineage=lineage(read_card(cfg.init_from)) if cfg.init_from else [],
     )
+    # Calibration on val, the input gate on train and val; then val and test through the
+    # Predictor that ships (calibrated, gated), as the nightly job and the endpoint run it.
+    fitted = fit_outputs(model, unfitted, rows, device=device, batch_size=cfg.eval_batch_size)
+    predictor = Predictor(
+        model, fitted.card, device=device, gate_stats=GateStats.from_bytes(fitted.gate_stats)
+    )
+    reports = {}
+    for split in ("val", "test"):
+        split_rows = rows[rows["split"] == split].reset_index(drop=True)
+        if not split_rows.empty:
+            reports[split] = evaluate_rows(predictor, split_rows, batch_size=cfg.eval_batch_size)
     model_uri = storage.join(cfg.out, "model")
-    card = save_model_dir(model, card, model_uri, reports)
+    card = save_model_dir(
+        model,
+        fitted.card,
+        model_uri,
+        reports,
+        gate_stats=fitted.gate_stats,
+        reliability_png=fitted.reliability,
+    )
     return TrainResult(
         model_uri=model_uri,
         model_version=card.model_version,

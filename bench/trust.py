@@ -1,0 +1,108 @@
+"""Calibration and input-gate figures of a trained model (the README's "Outputs a hospital can
+trust" tables): ECE before and after calibration on the test split with bootstrap intervals,
+and the gate's AUROC and rejection rate per kind of out-of-scope image.
+
+    .venv/bin/python bench/trust.py --model RUN/model --data DS [--ood ../shared/data/ood]
+
+``DS`` is the ingested ``../shared/data/cxr`` the model was trained on (its test split is the
+in-scope set). The last line is ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from covidray.dataset import load_rows  # noqa: E402
+from covidray.decode import decode_array  # noqa: E402
+from covidray.evaluation.evaluate import evaluate_rows, select_split  # noqa: E402
+from covidray.evaluation.gate_eval import (  # noqa: E402
+    PHOTOGRAPHS,
+    SCREENSHOTS,
+    evaluate_gate,
+    made_negatives,
+    shared_ood,
+    skimage_images,
+)
+from covidray.predict import Predictor  # noqa: E402
+from covidray.storage import read_bytes  # noqa: E402
+
+
+def _interval(i: tuple[float, float] | None) -> str:
+    return "–" if i is None else f"{i[0]:.3f}–{i[1]:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="the ingested dataset (test split: in scope)")
+    ap.add_argument("--ood", type=Path, default=REPO.parent / "shared" / "data" / "ood")
+    ap.add_argument("--split", default="test")
+    args = ap.parse_args(argv)
+
+    predictor = Predictor.from_dir(args.model)
+    rows = select_split(load_rows(args.data), args.split)
+    report = evaluate_rows(predictor, rows)
+    out = report.outputs
+    print(
+        f"model {predictor.model_version} (scoring {predictor.scoring_version}), "
+        f"{args.split} split, n = {report.n}"
+    )
+    print(f"calibration: {out.calibration['method']}, T = {out.calibration['temperature']:.3f}")
+    print(
+        f"ECE before {out.ece_uncalibrated:.3f} ({_interval(out.ece_uncalibrated_interval)}), "
+        f"after {report.ece:.3f} ({_interval(out.ece_interval)}); labels changed: "
+        f"{out.labels_changed_by_calibration}; accuracy {report.accuracy:.3f}"
+    )
+
+    films = [read_bytes(u) for u in rows["uri"]]
+    kinds: dict[str, list] = {}
+    if (args.ood / "manifest.csv").exists():
+        kinds.update(shared_ood(args.ood))
+    kinds["photograph"] = skimage_images(PHOTOGRAPHS)
+    kinds["screenshot"] = skimage_images(SCREENSHOTS)
+    u8 = [(decode_array(f) * 255).round().astype("uint8") for f in films[:20]]
+    kinds.update(made_negatives(u8))
+    gate = evaluate_gate(predictor, films, kinds)
+    print(
+        f"gate threshold {gate.threshold:.2f}; false rejections on {args.split}: "
+        f"{gate.false_rejection_rate:.3f} ({_interval(gate.false_rejection_interval)}), "
+        f"n = {gate.n_in_scope}"
+    )
+    print(
+        f"{'kind':<18}{'n':>4}  {'AUROC':>6} (95 % CI)      energy  rejected (95 % CI)"
+        "        combined: AUROC  rejected"
+    )
+    for kind, k in gate.kinds.items():
+        combined = (
+            f"{k.combined_auroc:6.3f}  {k.combined_rejection_rate:.3f}"
+            if k.combined_auroc is not None
+            else "-"
+        )
+        print(
+            f"{kind:<18}{k.n:>4}  {k.auroc:6.3f} ({_interval(k.auroc_interval)})  "
+            f"{k.energy_auroc:6.3f}  {k.rejection_rate:.3f} ({_interval(k.rejection_interval)})"
+            f"      {combined}"
+        )
+    if gate.combined_false_rejection_rate is not None:
+        print(
+            f"combined score: false rejections on {args.split} "
+            f"{gate.combined_false_rejection_rate:.3f}"
+        )
+    result = {
+        "ece": report.ece,
+        "ece_uncalibrated": out.ece_uncalibrated,
+        "labels_changed": out.labels_changed_by_calibration,
+        "gate": gate.model_dump(),
+    }
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

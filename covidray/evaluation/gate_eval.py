@@ -1,0 +1,215 @@
+"""How well the input gate separates frontal chest films from what a hospital archive also
+holds: AUROC and the rejection rate at the model's threshold, per kind of out-of-scope image,
+with intervals (the samples are small), and the false-rejection rate on in-scope films.
+
+Kinds: the CT slices and lateral films of ``../shared/data/ood``; photographs and screenshots
+that scikit-image ships (no download); and negatives made here (:func:`made_negatives`):
+other-body-part phantoms (a forearm), inverted and rotated chest films, text screenshots.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pydantic import BaseModel
+
+from ..decode import decode_array
+from ..gate import combined_score, energy
+from ..predict import Predictor
+from ..preprocess import prepare_array
+from .intervals import auroc, bootstrap, wilson
+
+PHOTOGRAPHS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "coins",
+    "horse",
+    "rocket",
+    "clock",
+    "moon",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "grass",
+    "gravel",
+)
+SCREENSHOTS = ("text", "page", "logo", "colorwheel", "checkerboard")
+
+
+class KindFigures(BaseModel):
+    n: int
+    auroc: float  # the gate's score (Mahalanobis) against the in-scope films
+    auroc_interval: tuple[float, float] | None  # bootstrap 95 %
+    energy_auroc: float  # the energy score, for comparison
+    # Both standardised on val and summed (gate.combined_score), for comparison; with its
+    # rejection rate at the threshold that refuses ``val_rejection`` of the val films.
+    combined_auroc: float | None = None
+    combined_rejection_rate: float | None = None
+    rejected: int  # above the model's threshold
+    rejection_rate: float
+    rejection_interval: tuple[float, float] | None  # Wilson 95 %
+
+
+class GateEvaluation(BaseModel):
+    n_in_scope: int
+    false_rejection_rate: float
+    false_rejection_interval: tuple[float, float] | None
+    threshold: float
+    kinds: dict[str, KindFigures]
+    # The combined score's false rejections at its own val threshold (None: not recorded).
+    combined_false_rejection_rate: float | None = None
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    """Any skimage image → 8-bit gray ``H×W`` (luminance; alpha composited on black)."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr.astype(np.float64) / max(float(arr.max()), 1e-9) * 255, 0, 255)
+        arr = arr.astype(np.uint8)
+    if arr.ndim == 3:
+        mode = "RGBA" if arr.shape[2] == 4 else "RGB"
+        arr = np.asarray(Image.fromarray(arr[..., : len(mode)], mode).convert("L"))
+    return arr
+
+
+def skimage_images(names: Sequence[str]) -> list[np.ndarray]:
+    """The named images scikit-image ships, those present offline (none without skimage)."""
+    try:
+        import skimage.data as data
+    except ImportError:
+        return []
+    out = []
+    for name in names:
+        try:
+            out.append(_gray(getattr(data, name)()))
+        except Exception:  # an image the installed version would download: left out
+            continue
+    return out
+
+
+def shared_ood(folder: Path) -> dict[str, list[bytes]]:
+    """``../shared/data/ood``'s files by kind (``ct``, ``lateral``), as raw bytes."""
+    kinds: dict[str, list[bytes]] = {}
+    with open(folder / "manifest.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            kinds.setdefault(row["kind"], []).append((folder / row["image"]).read_bytes())
+    return kinds
+
+
+def forearm_phantom(rng: np.random.Generator, size: int = 512) -> np.ndarray:
+    """An X-ray-like film of another body part: a forearm's soft tissue and two long bones."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    angle = rng.uniform(-0.4, 0.4)
+    u = (x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle)
+    film = 0.08 + 0.35 * np.exp(-((u / rng.uniform(0.16, 0.24)) ** 6))  # soft tissue
+    for offset, width in ((-0.06, 0.035), (0.05, 0.03)):  # radius and ulna
+        d = np.abs(u - offset - rng.uniform(-0.01, 0.01)) / width
+        film += np.where(d < 1, 0.35 + 0.25 * (d > 0.6), 0.0)  # cortex brighter than marrow
+    film += rng.normal(0, 0.03, film.shape)
+    return (np.clip(film, 0, 1) * 255).astype(np.uint8)
+
+
+def text_screenshot(rng: np.random.Generator, size: tuple[int, int] = (640, 480)) -> np.ndarray:
+    """A screen of text (a worklist or a report) as a viewer might save it."""
+    img = Image.new("L", size, int(rng.integers(200, 256)))
+    draw = ImageDraw.Draw(img)
+    for row in range(int(rng.integers(12, 24))):
+        words = " ".join(
+            "".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(2, 9))))
+            for _ in range(int(rng.integers(3, 10)))
+        )
+        draw.text((10, 8 + 20 * row), words, fill=int(rng.integers(0, 60)))
+    return np.asarray(img)
+
+
+def made_negatives(films: Sequence[np.ndarray], seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """Out-of-scope images made here: forearms, inverted and rotated chest films, screens."""
+    rng = np.random.default_rng(seed)
+    return {
+        "other_body_part": [forearm_phantom(rng) for _ in range(20)],
+        "inverted_film": [255 - f for f in films],
+        "rotated_film": [np.rot90(f, k=int(rng.integers(1, 4))).copy() for f in films],
+        "text_screenshot": [text_screenshot(rng) for _ in range(20)],
+    }
+
+
+def _scores(predictor: Predictor, images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, ...]:
+    prep = predictor.card.preprocessing
+    batch = np.stack(
+        [
+            prepare_array(
+                decode_array(i) if isinstance(i, bytes) else i.astype(np.float32) / 255,
+                prep.input_size,
+                prep.shorter_side,
+            )
+            for i in images
+        ]
+    )[:, None]
+    res = predictor.predict_many(batch, 32, with_cam=False)
+    return res.ood_score, energy(res.logits)
+
+
+def evaluate_gate(
+    predictor: Predictor,
+    in_scope: Sequence[bytes | np.ndarray],
+    kinds: dict[str, Sequence[bytes | np.ndarray]],
+) -> GateEvaluation:
+    """The gate's figures: ``in_scope`` are frontal chest films (the test split), ``kinds``
+    the out-of-scope sets by name."""
+    if predictor.gate is None:
+        raise ValueError("the model has no input gate: fit one (covidray calibrate)")
+    gate = predictor.gate
+    ins, ins_energy = _scores(predictor, in_scope)
+    ins_combined = combined_score(gate, ins, ins_energy)
+    with_combined = ins_combined is not None and gate.combined_threshold is not None
+    rejected_in = int((ins > gate.threshold).sum())
+    figures = {}
+    for kind, images in kinds.items():
+        if not images:
+            continue
+        out, out_energy = _scores(predictor, images)
+        rejected = int((out > gate.threshold).sum())
+        combined = {}
+        if with_combined:
+            out_combined = combined_score(gate, out, out_energy)
+            combined = {
+                "combined_auroc": auroc(ins_combined, out_combined),
+                "combined_rejection_rate": float(np.mean(out_combined > gate.combined_threshold)),
+            }
+        figures[kind] = KindFigures(
+            n=len(out),
+            auroc=auroc(ins, out),
+            auroc_interval=_auroc_interval(ins, out),
+            energy_auroc=auroc(ins_energy, out_energy),
+            rejected=rejected,
+            rejection_rate=rejected / len(out),
+            rejection_interval=wilson(rejected, len(out)),
+            **combined,
+        )
+    return GateEvaluation(
+        n_in_scope=len(ins),
+        false_rejection_rate=rejected_in / len(ins),
+        false_rejection_interval=wilson(rejected_in, len(ins)),
+        threshold=gate.threshold,
+        kinds=figures,
+        combined_false_rejection_rate=(
+            float(np.mean(ins_combined > gate.combined_threshold)) if with_combined else None
+        ),
+    )
+
+
+def _auroc_interval(neg: np.ndarray, pos: np.ndarray) -> tuple[float, float] | None:
+    """Bootstrap of the AUROC, resampling each group separately."""
+    labels = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+    scores = np.r_[neg, pos]
+
+    def stat(s: np.ndarray, y: np.ndarray) -> float:
+        return auroc(s[y == 0], s[y == 1])
+
+    return bootstrap(stat, scores, labels)

@@ -1,0 +1,49 @@
+"""The console shows covidray's output only; Ray's goes to a log file whose path is printed.
+
+``covidray ingest`` with Ray tasks (``--parallel-threshold 0``) in a fresh process, which
+starts a local Ray: by default none of Ray's lines reach the console and the printed log file
+holds them; with ``-v`` they are on the console.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+RAY_LINES = ("Started a local Ray instance", "(pid=", "raylet", "core_worker", "INFO worker.py")
+
+
+def run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    src = tmp_path / "src"
+    for name, level in (("covid/a.png", 100), ("normal/b.png", 50), ("normal/c.png", 20)):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (40, 32), level).save(src / name)
+    dest = tmp_path / f"ds{len(list(tmp_path.glob('ds*')))}"
+    env = {**os.environ, "COVIDRAY_LOG_DIR": str(tmp_path / "logs"), "COLUMNS": "250"}
+    env.pop("RAY_ADDRESS", None)
+    argv = [sys.executable, "-m", "covidray.cli", "ingest", str(src), str(dest), "--size", "64"]
+    argv += ["--parallel-threshold", "0", "--chunk-size", "1", *extra]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_ray_output_goes_to_the_printed_log_file(tmp_path: Path) -> None:
+    quiet = run(tmp_path)
+    console = quiet.stdout + quiet.stderr
+    for marker in RAY_LINES:
+        assert marker not in console, (marker, console[-3000:])
+    assert "images ingested" in console  # ours: the summary table
+    found = re.search(r"log file \(Ray and more\): (\S+\.log)", quiet.stderr)
+    assert found, quiet.stderr[-3000:]
+    log = Path(found.group(1))
+    assert log.parent == tmp_path / "logs"
+    assert "Started a local Ray instance" in log.read_text(errors="replace")
+
+    verbose = run(tmp_path, "-v")
+    assert "Started a local Ray instance" in verbose.stdout + verbose.stderr
