@@ -113,7 +113,9 @@ class GateStats:
     def score(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distances ``(B,)`` of feature rows ``(B, D)``."""
         d = np.asarray(features, dtype=np.float64) - self.mean
-        return np.sqrt(np.maximum(np.einsum("bi,ij,bj->b", d, self.precision, d), 0.0))
+        # (d P) · d row by row: a BLAS matrix product (einsum's "bi,ij,bj->b" is a naive loop,
+        # measured 0.55 s per 256 images, 85 % of a GPU batch's time).
+        return np.sqrt(np.maximum(np.sum((d @ self.precision) * d, axis=1), 0.0))
 
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
