@@ -15,7 +15,6 @@ Two layers, reported on every prediction as ``in_scope``, ``gate_reason`` and ``
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal
 
 import numpy as np
@@ -53,12 +52,6 @@ class Gate(BaseModel):
     combined_threshold: float | None = None  # combined_score's, at the same val rejection
     stats_file: str = GATE_STATS_NAME
     stats_sha256: str = ""
-
-
-class Verdict(BaseModel):
-    in_scope: bool
-    gate_reason: str | None = None
-    ood_score: float | None = None
 
 
 def metadata_reason(tags: dict[str, Any]) -> str | None:
@@ -177,21 +170,6 @@ def combined_score(gate: Gate, distance: np.ndarray, energies: np.ndarray) -> np
     return (np.asarray(distance) - dm) / max(ds, 1e-12) + (np.asarray(energies) - em) / max(
         es, 1e-12
     )
-
-
-def with_digest(gate: Gate, data: bytes) -> Gate:
-    return gate.model_copy(update={"stats_sha256": hashlib.sha256(data).hexdigest()})
-
-
-def image_verdicts(scores: np.ndarray, gate: Gate) -> list[Verdict]:
-    return [
-        Verdict(
-            in_scope=bool(s <= gate.threshold),
-            gate_reason=None if s <= gate.threshold else "ood_image",
-            ood_score=float(s),
-        )
-        for s in scores
-    ]
 
 
 GateField = Field(None, description="the input gate's image layer (None: no gate fitted)")
