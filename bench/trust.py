@@ -19,16 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from covidray.dataset import load_rows  # noqa: E402
-from covidray.decode import decode_array  # noqa: E402
 from covidray.evaluation.evaluate import evaluate_rows, select_split  # noqa: E402
-from covidray.evaluation.gate_eval import (  # noqa: E402
-    PHOTOGRAPHS,
-    SCREENSHOTS,
-    evaluate_gate,
-    made_negatives,
-    shared_ood,
-    skimage_images,
-)
+from covidray.evaluation.gate_eval import evaluate_gate, out_of_scope_sets  # noqa: E402
 from covidray.predict import Predictor  # noqa: E402
 from covidray.storage import read_bytes  # noqa: E402
 
@@ -61,43 +53,37 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     films = [read_bytes(u) for u in rows["uri"]]
-    kinds: dict[str, list] = {}
-    if (args.ood / "manifest.csv").exists():
-        kinds.update(shared_ood(args.ood))
-    kinds["photograph"] = skimage_images(PHOTOGRAPHS)
-    kinds["screenshot"] = skimage_images(SCREENSHOTS)
-    u8 = [(decode_array(f) * 255).round().astype("uint8") for f in films[:20]]
-    kinds.update(made_negatives(u8))
+    kinds = out_of_scope_sets(films, args.ood)
     gate = evaluate_gate(predictor, films, kinds)
     print(
         f"gate threshold {gate.threshold:.2f}; false rejections on {args.split}: "
         f"{gate.false_rejection_rate:.3f} ({_interval(gate.false_rejection_interval)}), "
         f"n = {gate.n_in_scope}"
     )
-    print(
-        f"{'kind':<18}{'n':>4}  {'AUROC':>6} (95 % CI)      energy  rejected (95 % CI)"
-        "        combined: AUROC  rejected"
-    )
+    by = out.false_rejections_by
+    for column in ("label", "source"):
+        if column in by:
+            print(
+                f"  refused by {column}: "
+                + ", ".join(f"{v} {k}/{n}" for v, (k, n) in by[column].items())
+            )
+    layers = gate.feature_layers
+    print(f"gate layers: {', '.join(layers)}")
+    print(f"{'kind':<18}{'n':>4}  {'AUROC':>6} (95 % CI)      energy  rejected (95 % CI)")
     for kind, k in gate.kinds.items():
-        combined = (
-            f"{k.combined_auroc:6.3f}  {k.combined_rejection_rate:.3f}"
-            if k.combined_auroc is not None
-            else "-"
+        per_layer = (
+            "  " + " ".join(f"{v:.3f}" for v in k.layer_auroc.values()) if len(layers) > 1 else ""
         )
         print(
             f"{kind:<18}{k.n:>4}  {k.auroc:6.3f} ({_interval(k.auroc_interval)})  "
             f"{k.energy_auroc:6.3f}  {k.rejection_rate:.3f} ({_interval(k.rejection_interval)})"
-            f"      {combined}"
-        )
-    if gate.combined_false_rejection_rate is not None:
-        print(
-            f"combined score: false rejections on {args.split} "
-            f"{gate.combined_false_rejection_rate:.3f}"
+            + per_layer
         )
     result = {
         "ece": report.ece,
         "ece_uncalibrated": out.ece_uncalibrated,
         "labels_changed": out.labels_changed_by_calibration,
+        "false_rejections_by": out.false_rejections_by,
         "gate": gate.model_dump(),
     }
     print("RESULT " + json.dumps(result))

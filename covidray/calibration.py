@@ -5,7 +5,8 @@ Temperature scaling divides every logit by one ``T > 0``: the predicted class ne
 only the confidence. Vector scaling (a scale and a bias per class) can fit better but can also
 change predictions and overfit a small validation split, so :func:`fit_calibration` keeps it
 only when its cross-validated negative log-likelihood beats the temperature's by a clear
-margin. A model directory from before calibration loads with :data:`UNCALIBRATED` (T = 1).
+margin, and a temperature only when its cross-validated NLL beats leaving the logits alone.
+A model directory from before calibration loads with :data:`UNCALIBRATED` (T = 1).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ UNCALIBRATED = Calibration(
 def nll(logits: np.ndarray, labels: np.ndarray, cal: Calibration) -> float:
     """Mean negative log-likelihood of ``labels`` under calibrated ``logits``."""
     z = cal.apply(torch.as_tensor(logits, dtype=torch.float64))
-    return float(torch.nn.functional.cross_entropy(z, torch.as_tensor(labels).long()))
+    return float(torch.nn.functional.cross_entropy(z, torch.as_tensor(np.array(labels)).long()))
 
 
 def _fit(logits: np.ndarray, labels: np.ndarray, method: str) -> Calibration:
@@ -104,21 +105,33 @@ def fit_calibration(
     logits: np.ndarray, labels: np.ndarray, *, fitted_on: str, folds: int = 5, seed: int = 0
 ) -> Calibration:
     """Fit a temperature on ``(logits, labels)``; use per-class vector scaling instead only
-    when its ``folds``-fold cross-validated NLL is at least :data:`VECTOR_MARGIN` better."""
+    when its ``folds``-fold cross-validated NLL is at least :data:`VECTOR_MARGIN` better, and
+    neither (T = 1) when the temperature's cross-validated NLL does not beat the raw logits'
+    (a parameter-free NLL: held out by construction)."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
+    raw = nll(logits, labels, Calibration())
     cv = {}
     if len(labels) >= 2 * folds:
         cv = {m: _cv_nll(logits, labels, m, folds, seed) for m in ("temperature", "vector")}
-    method = (
-        "vector" if cv and cv["vector"] < (1 - VECTOR_MARGIN) * cv["temperature"] else "temperature"
-    )
+        cv["none"] = raw
+    method = "temperature"
+    if cv and cv["vector"] < min((1 - VECTOR_MARGIN) * cv["temperature"], raw):
+        method = "vector"
     cal = _fit(logits, labels, method)
+    note = ""
+    if method == "temperature" and cv and cv["temperature"] >= raw:
+        note = (
+            f"a fitted temperature (T = {cal.temperature:.3f}) did not beat T = 1 in "
+            f"{folds}-fold cross-validation: kept T = 1"
+        )
+        cal = Calibration()
     return cal.model_copy(
         update={
             "fitted_on": fitted_on,
-            "nll_before": nll(logits, labels, Calibration()),
+            "nll_before": raw,
             "nll_after": nll(logits, labels, cal),
             "cv_nll": cv,
+            "note": note,
         }
     )

@@ -148,6 +148,19 @@ class CalibrateConfig(Config):
     )
     batch_size: int = Field(64, ge=1, description="images per forward pass")
     device: str | None = Field(None, description="cuda or cpu (default: cuda when available)")
+    gate_layer: list[str] = Field(
+        ["pool"],
+        description="the input gate's feature layer (pool: the head's input); give it more than "
+        "once for a multi-layer score, e.g. features.blocks.4 (see bench/gate_layers.py)",
+    )
+
+    @field_validator("gate_layer", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: object) -> object:
+        names = [v] if isinstance(v, str) else v
+        if isinstance(names, list | tuple):
+            return [n.strip() for name in names for n in str(name).split(",") if n.strip()]
+        return v
 
 
 class AugmentConfig(Config):

@@ -6,10 +6,16 @@ Two layers, reported on every prediction as ``in_scope``, ``gate_reason`` and ``
   and secondary captures SC/OT, often screenshots), ``BodyPartExamined`` other than the chest,
   lateral, decubitus and oblique ``ViewPosition``s are out of scope before any pixel reaches
   the model. A missing tag is no reason by itself.
-- **image** (:class:`GateStats`): the Mahalanobis distance of the model's pooled features (the
-  head's input) from the training films', with a Ledoit-Wolf shrunk covariance (a few hundred
-  films cannot estimate 1280 × 1280 entries), thresholded so that a chosen share of the
-  validation films (5 %) is refused. The energy score of the logits is computed alongside, for
+- **image** (:class:`GateStats`): the Mahalanobis distance of the model's spatially pooled
+  activations from the training films', with a Ledoit-Wolf shrunk covariance (a few hundred
+  films cannot fill a covariance of hundreds of dimensions), thresholded so that a chosen
+  share of the validation films (5 %) is refused. By default one layer, the head's input
+  (``pool``); with several (``feature_layers``), each layer's distance is standardised by its
+  mean and spread on the validation films and the sum is ``ood_score`` (Lee et al. 2018's
+  multi-layer score, without their tuning on outliers). Middle layers catch lateral films far
+  better but refuse many more heterogeneous in-scope films, most of them COVID and pneumonia
+  cases (``bench/gate_layers.py``), so they are a site's choice (``covidray calibrate
+  --gate-layer``), not the default. The energy score of the logits is computed alongside, for
   comparison only. Statistics live in ``gate.safetensors`` in the model directory.
 """
 
@@ -19,10 +25,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GATE_STATS_NAME = "gate.safetensors"
-FEATURE_LAYER = "pool"  # CxrClassifier.pool: global average pool → (B, D), the head's input
+FEATURE_LAYER = "pool"  # CxrClassifier.pool: the head's input; the one layer of early cards
 VAL_REJECTION = 0.05  # share of in-scope validation films the threshold may refuse
 
 IN_SCOPE_MODALITIES = frozenset({"CR", "DX"})
@@ -39,19 +45,40 @@ class Gate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["mahalanobis"] = "mahalanobis"
-    feature_layer: str = FEATURE_LAYER
+    feature_layers: tuple[str, ...] = (FEATURE_LAYER,)  # names inside the model
+    # (mean, std) of each layer's distance on the validation films: ``ood_score`` is the sum of
+    # the standardised distances. None (cards with one layer, before this): the raw distance.
+    layer_scale: tuple[tuple[float, float], ...] | None = None
     threshold: float  # ood_score above this: out of scope
     energy_threshold: float  # the energy score's threshold at the same val rejection
-    shrinkage: float
-    dim: int
+    shrinkage: tuple[float, ...]  # Ledoit-Wolf's, per layer
+    dims: tuple[int, ...]  # channels per layer
     fitted_on: str  # e.g. "train (494 images); threshold on val (107)"
     val_rejection: float = VAL_REJECTION
-    # (mean, std) of each score on the validation films, to compare the methods on one scale
-    # (:func:`combined_score`); None in cards from before they were recorded.
-    val_scores: dict[str, tuple[float, float]] | None = None
-    combined_threshold: float | None = None  # combined_score's, at the same val rejection
     stats_file: str = GATE_STATS_NAME
     stats_sha256: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_layer_cards(cls, data: Any) -> Any:
+        """Cards from before several layers: ``feature_layer``, ``dim`` and one shrinkage;
+        the combined energy score they may record is no longer used."""
+        if isinstance(data, dict) and "feature_layer" in data:
+            data = dict(data)
+            data["feature_layers"] = (data.pop("feature_layer"),)
+            data["dims"] = (data.pop("dim"),)
+            data["shrinkage"] = (data["shrinkage"],)
+            data.pop("val_scores", None)
+            data.pop("combined_threshold", None)
+        return data
+
+    def score(self, distances: np.ndarray) -> np.ndarray:
+        """``ood_score`` ``(B,)`` from per-layer distances ``(B, L)``."""
+        d = np.asarray(distances, dtype=np.float64)
+        if self.layer_scale is None:
+            return d[:, 0]
+        mean, std = np.asarray(self.layer_scale, dtype=np.float64).T
+        return ((d - mean) / np.maximum(std, 1e-12)).sum(axis=1)
 
 
 def metadata_reason(tags: dict[str, Any]) -> str | None:
@@ -92,35 +119,63 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 class GateStats:
-    """Mean and precision of the training films' features."""
+    """Mean and precision of the training films' features, one block per feature layer;
+    features arrive as one row per image with the layers' pooled channels side by side."""
 
-    def __init__(self, mean: np.ndarray, precision: np.ndarray) -> None:
-        self.mean = np.asarray(mean, dtype=np.float64)
-        self.precision = np.asarray(precision, dtype=np.float64)
+    def __init__(self, means: list[np.ndarray], precisions: list[np.ndarray]) -> None:
+        self.means = [np.asarray(m, dtype=np.float64) for m in means]
+        self.precisions = [np.asarray(p, dtype=np.float64) for p in precisions]
+        self.dims = tuple(len(m) for m in self.means)
 
     @classmethod
-    def fit(cls, features: np.ndarray) -> tuple[GateStats, float]:
-        cov, shrinkage = ledoit_wolf(np.asarray(features, dtype=np.float64))
-        return cls(features.mean(axis=0), np.linalg.inv(cov)), shrinkage
+    def fit(cls, features: np.ndarray, dims: tuple[int, ...]) -> tuple[GateStats, list[float]]:
+        """Statistics of ``features`` ``(N, sum(dims))``, and each layer's shrinkage."""
+        means, precisions, shrinkage = [], [], []
+        for block in _blocks(np.asarray(features, dtype=np.float64), dims):
+            cov, s = ledoit_wolf(block)
+            means.append(block.mean(axis=0))
+            precisions.append(np.linalg.inv(cov))
+            shrinkage.append(s)
+        return cls(means, precisions), shrinkage
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Mahalanobis distances ``(B,)`` of feature rows ``(B, D)``."""
-        d = np.asarray(features, dtype=np.float64) - self.mean
-        # (d P) · d row by row: a BLAS matrix product (einsum's "bi,ij,bj->b" is a naive loop,
-        # measured 0.55 s per 256 images, 85 % of a GPU batch's time).
-        return np.sqrt(np.maximum(np.sum((d @ self.precision) * d, axis=1), 0.0))
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distances ``(B, L)`` of feature rows ``(B, sum(dims))``, per layer."""
+        out = []
+        for block, mean, precision in zip(
+            _blocks(np.asarray(features, dtype=np.float64), self.dims),
+            self.means,
+            self.precisions,
+            strict=True,
+        ):
+            d = block - mean
+            # (d P) · d row by row: a BLAS matrix product (einsum's "bi,ij,bj->b" is a naive
+            # loop, measured 0.55 s per 256 images, 85 % of a GPU batch's time).
+            out.append(np.sqrt(np.maximum(np.sum((d @ precision) * d, axis=1), 0.0)))
+        return np.stack(out, axis=1)
 
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
-        return save({"mean": self.mean, "precision": self.precision})
+        tensors = {}
+        for i, (m, p) in enumerate(zip(self.means, self.precisions, strict=True)):
+            tensors[f"mean.{i}"], tensors[f"precision.{i}"] = m, p
+        return save(tensors)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> GateStats:
         from safetensors.numpy import load
 
         t = load(data)
-        return cls(t["mean"], t["precision"])
+        if "mean" in t:  # one layer, written before several
+            return cls([t["mean"]], [t["precision"]])
+        n = len([k for k in t if k.startswith("mean.")])
+        return cls([t[f"mean.{i}"] for i in range(n)], [t[f"precision.{i}"] for i in range(n)])
+
+
+def _blocks(features: np.ndarray, dims: tuple[int, ...]) -> list[np.ndarray]:
+    if features.ndim != 2 or features.shape[1] != sum(dims):
+        raise ValueError(f"expected features of shape (N, {sum(dims)}), got {features.shape}")
+    return np.split(features, np.cumsum(dims)[:-1], axis=1)
 
 
 def energy(logits: np.ndarray) -> np.ndarray:
@@ -138,38 +193,31 @@ def fit_gate(
     val_features: np.ndarray,
     val_logits: np.ndarray,
     *,
+    layers: tuple[str, ...] = (FEATURE_LAYER,),
+    dims: tuple[int, ...] | None = None,
     rejection: float = VAL_REJECTION,
 ) -> tuple[Gate, GateStats]:
-    """Statistics from the training films, thresholds from the validation films."""
-    stats, shrinkage = GateStats.fit(train_features)
-    distance, val_energy = stats.score(val_features), energy(val_logits)
+    """Statistics from the training films, per-layer scales and thresholds from the
+    validation films; features ``(N, sum(dims))``, the ``layers``' channels side by side
+    (``dims`` may be left out for one layer)."""
+    dims = dims or (int(np.shape(train_features)[1]),)
+    if len(dims) != len(layers):
+        raise ValueError(f"{len(layers)} layers but {len(dims)} feature blocks")
+    stats, shrinkage = GateStats.fit(train_features, dims)
+    distances, val_energy = stats.distances(val_features), energy(val_logits)
+    scale = tuple((float(c.mean()), float(c.std())) for c in distances.T)
     gate = Gate(
-        threshold=threshold_at(distance, rejection),
+        feature_layers=layers,
+        layer_scale=scale,
+        threshold=0.0,
         energy_threshold=threshold_at(val_energy, rejection),
-        val_scores={
-            "mahalanobis": (float(distance.mean()), float(distance.std())),
-            "energy": (float(val_energy.mean()), float(val_energy.std())),
-        },
-        shrinkage=shrinkage,
-        dim=int(train_features.shape[1]),
+        shrinkage=tuple(shrinkage),
+        dims=dims,
         fitted_on=f"train ({len(train_features)} images); threshold on val ({len(val_features)})",
         val_rejection=rejection,
     )
-    combined = combined_score(gate, distance, val_energy)
-    gate = gate.model_copy(update={"combined_threshold": threshold_at(combined, rejection)})
-    return gate, stats
-
-
-def combined_score(gate: Gate, distance: np.ndarray, energies: np.ndarray) -> np.ndarray | None:
-    """The Mahalanobis distance and the energy score, each standardised by its mean and
-    standard deviation on the validation films, summed (None without ``gate.val_scores``).
-    A candidate method, reported by the gate's evaluation beside the two it combines."""
-    if not gate.val_scores:
-        return None
-    (dm, ds), (em, es) = gate.val_scores["mahalanobis"], gate.val_scores["energy"]
-    return (np.asarray(distance) - dm) / max(ds, 1e-12) + (np.asarray(energies) - em) / max(
-        es, 1e-12
-    )
+    threshold = threshold_at(gate.score(distances), rejection)
+    return gate.model_copy(update={"threshold": threshold}), stats
 
 
 GateField = Field(None, description="the input gate's image layer (None: no gate fitted)")

@@ -15,7 +15,7 @@ from .calibration import Calibration, fit_calibration
 from .dataset import load_images, load_rows
 from .evaluation.artifacts import reliability_png
 from .evaluation.metrics import EvalReport
-from .gate import GateStats, fit_gate
+from .gate import FEATURE_LAYER, GateStats, fit_gate
 from .modeldir import ModelCard, load_model_dir, save_model_dir
 from .predict import BatchPrediction, Predictor
 
@@ -33,12 +33,14 @@ def raw_outputs(
     card: ModelCard,
     rows: pd.DataFrame,
     *,
+    gate_layers: tuple[str, ...],
     device: str | torch.device | None = None,
     batch_size: int = 64,
 ) -> BatchPrediction:
-    """Uncalibrated, ungated outputs (flip-averaged logits, pooled features) for ``rows``."""
+    """Uncalibrated, ungated outputs (flip-averaged logits, ``gate_layers``' pooled features)
+    for ``rows``."""
     bare = card.model_copy(update={"calibration": None, "gate": None})
-    predictor = Predictor(model, bare, device=device)
+    predictor = Predictor(model, bare, device=device, gate_layers=gate_layers)
     prep = card.preprocessing
     images = load_images(list(rows["uri"]), prep.input_size, shorter_side=prep.shorter_side)
     return predictor.predict_many(images, batch_size, with_cam=False, return_features=True)
@@ -51,27 +53,38 @@ def fit_outputs(
     *,
     device: str | torch.device | None = None,
     batch_size: int = 64,
+    gate_layers: tuple[str, ...] | None = None,
 ) -> Fitted:
     """Fit the calibration on ``rows``' val split and the gate on its train (statistics) and
-    val (thresholds) splits; ``rows`` from :func:`covidray.dataset.load_rows`."""
+    val (thresholds) splits; ``rows`` from :func:`covidray.dataset.load_rows`. The gate looks
+    at ``gate_layers`` (default: the head's input, ``pool``)."""
+    layers = tuple(gate_layers or (FEATURE_LAYER,))
     split = {s: rows[rows["split"] == s].reset_index(drop=True) for s in ("train", "val")}
     if split["val"].empty or split["train"].empty:
         raise ValueError("calibration and the input gate need labelled train and val rows")
     real_train = split["train"][~split["train"]["synthetic"].fillna(False).astype(bool)]
-    val = raw_outputs(model, card, split["val"], device=device, batch_size=batch_size)
-    train = raw_outputs(model, card, real_train, device=device, batch_size=batch_size)
+    run = {"gate_layers": layers, "device": device, "batch_size": batch_size}
+    val = raw_outputs(model, card, split["val"], **run)
+    train = raw_outputs(model, card, real_train, **run)
     labels = split["val"]["y"].to_numpy()
     calibration: Calibration = fit_calibration(
         val.logits, labels, fitted_on=f"val ({len(labels)} images)"
     )
-    gate, stats = fit_gate(train.features, val.features, val.logits)
+    gate, stats = fit_gate(
+        train.features,
+        val.features,
+        val.logits,
+        layers=layers,
+        dims=train.feature_dims,
+    )
     before = torch.as_tensor(val.logits).softmax(1).numpy()
     after = calibration.apply(torch.as_tensor(val.logits)).softmax(1).numpy()
     log.info(
-        "calibration %s (T = %.3f), gate threshold %.2f",
+        "calibration %s (T = %.3f), gate threshold %.2f over %s",
         calibration.method,
         calibration.temperature,
         gate.threshold,
+        ", ".join(layers),
     )
     png = reliability_png(
         before, after, labels, title=f"{card.backbone}: validation split ({len(labels)} films)"
@@ -87,6 +100,7 @@ def calibrate_model_dir(
     *,
     device: str | None = None,
     batch_size: int = 64,
+    gate_layers: tuple[str, ...] | None = None,
 ) -> tuple[ModelCard, dict[str, EvalReport]]:
     """Fit calibration and gate for an existing model directory on ``data_uri``'s train/val
     splits, evaluate val and test with them, and write the directory to ``out_uri`` (default:
@@ -97,7 +111,9 @@ def calibrate_model_dir(
     model, card = load_model_dir(model_uri)
     check_card(card.preprocessing)
     rows = load_rows(data_uri)
-    fitted = fit_outputs(model, card, rows, device=device, batch_size=batch_size)
+    fitted = fit_outputs(
+        model, card, rows, device=device, batch_size=batch_size, gate_layers=gate_layers
+    )
     predictor = Predictor(
         model, fitted.card, device=device, gate_stats=GateStats.from_bytes(fitted.gate_stats)
     )

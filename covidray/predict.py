@@ -179,7 +179,7 @@ class BatchPrediction:
     uint8, the raw Grad-CAM at the target layer's resolution divided by its per-image maximum;
     ``cam_area``, ``cam_peak_y``, ``cam_peak_x``, ``cam_border_energy`` (B,) float32 from
     :func:`covidray.explain.cam_summary` of the map upsampled to the input. ``features``
-    (B, D): the pooled features, when asked for.
+    (B, D): the feature layers' spatially pooled outputs side by side, when asked for.
     """
 
     probs: np.ndarray
@@ -193,6 +193,7 @@ class BatchPrediction:
     scoring_version: str = ""
     ood_score: np.ndarray | None = None
     features: np.ndarray | None = None
+    feature_dims: tuple[int, ...] | None = None  # each feature layer's columns, in order
     cam_raw: np.ndarray | None = None
     cam_area: np.ndarray | None = None
     cam_peak_y: np.ndarray | None = None
@@ -250,6 +251,8 @@ class Predictor:
             input gate).
         gate_stats: the gate's feature statistics (``from_dir`` reads them); without them
             every image is in scope and ``ood_score`` is None.
+        gate_layers: the layers ``return_features`` pools without a gate (default: the head's
+            input, ``pool``); with a gate, the card's.
         device: ``None`` picks CUDA when available, else the CPU.
         compile: ``torch.compile`` the backbone stages below the Grad-CAM target layer (the
             target layer and the head stay eager, so the CAM hook works unchanged).
@@ -277,6 +280,7 @@ class Predictor:
         cam_border: float = 0.10,
         copy: bool = True,
         gate_stats: GateStats | None = None,
+        gate_layers: Sequence[str] | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         if threads is None and self.device.type == "cpu":
@@ -307,13 +311,27 @@ class Predictor:
         if copy:
             model = deepcopy(model)
         model = model.eval().to(self.device)
+        self.feature_layers = (
+            tuple(self.gate.feature_layers)
+            if self.gate is not None
+            else tuple(gate_layers or (FEATURE_LAYER,))
+        )
+        unfolded = [feature_module(model, n) for n in self.feature_layers]
         self.folded = fold_batchnorm(model) if fold_bn else 0
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._cam = GradCAM(model)
-        layer = self.gate.feature_layer if self.gate is not None else FEATURE_LAYER
-        self._feature_layer = model.get_submodule(layer)
+        self._feature_modules = [model.get_submodule(n) for n in self.feature_layers]
+        for name, before, after in zip(
+            self.feature_layers, unfolded, self._feature_modules, strict=True
+        ):
+            if after is not before and isinstance(before, nn.Conv2d):
+                # Its output would depend on fold_bn: the gate's statistics would not carry over.
+                raise ValueError(
+                    f"feature layer {name!r} is a convolution with a BatchNorm folded into it: "
+                    "use the normalisation or activation layer after it"
+                )
         self.compiled = False
         if compile:
             self._compile_below_target()
@@ -400,7 +418,7 @@ class Predictor:
         With flip TTA (the card's ``tta_hflip``) the logits of the image and its mirror are
         averaged, then calibrated (the card's temperature), then softmaxed; the map explains
         ``class_idx`` (``None``: the class predicted from that average) on the unflipped
-        image, whose pooled features also feed the gate.
+        image, whose feature layers also feed the gate.
         """
         x = self.prepare(images)
         feats: list[torch.Tensor] = []
@@ -422,7 +440,8 @@ class Predictor:
             if with_cam and class_idx is None and bool((pred != res.class_idx).any()):
                 # The averaged prediction differs from the unflipped one: explain it instead.
                 res = self._cam(x, class_idx=pred)
-        features = feats[0].cpu().numpy() if feats else None
+        features = torch.cat(feats, dim=1).cpu().numpy() if feats else None
+        feature_dims = tuple(int(f.shape[1]) for f in feats) if feats else None
         cam: dict[str, Any] = {}
         if with_cam:
             summary = cam_summary(res.cam, threshold=self.cam_threshold, border=self.cam_border)
@@ -436,25 +455,34 @@ class Predictor:
             pred,
             res.class_idx if with_cam else pred,
             features,
+            feature_dims,
             return_features,
             **cam,
         )
 
     @contextmanager
     def _capture(self, into: list[torch.Tensor], enabled: bool) -> Iterator[None]:
-        """Collect the feature layer's output (detached, float32) during the block."""
+        """Collect each feature layer's output, averaged over space (detached, float32), in
+        :attr:`feature_layers`' order, during the block (one forward pass)."""
         if not enabled:
             yield
             return
+        outputs: dict[int, torch.Tensor] = {}
 
-        def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
-            into.append(output.detach().float().flatten(1))
+        def hook(i: int) -> Any:
+            def keep(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+                out = output.detach().float()
+                outputs[i] = out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1)
 
-        handle = self._feature_layer.register_forward_hook(hook)
+            return keep
+
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self._feature_modules)]
         try:
             yield
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+        into.extend(outputs[i] for i in range(len(self._feature_modules)))
 
     def predict_many(
         self, images: torch.Tensor | np.ndarray, batch_size: int = 64, **kwargs: Any
@@ -479,6 +507,7 @@ class Predictor:
         pred: torch.Tensor,
         explained: torch.Tensor,
         features: np.ndarray | None,
+        feature_dims: tuple[int, ...] | None,
         keep_features: bool,
         **cam: Any,
     ) -> BatchPrediction:
@@ -487,7 +516,7 @@ class Predictor:
         ood = None
         in_scope = np.ones(n, dtype=bool)
         if self.gate is not None and self.gate_stats is not None and features is not None:
-            ood = self.gate_stats.score(features)
+            ood = self.gate.score(self.gate_stats.distances(features))
             in_scope = ood <= self.gate.threshold
         return BatchPrediction(
             probs=probs.float().cpu().numpy(),
@@ -503,8 +532,32 @@ class Predictor:
             scoring_version=self.scoring_version,
             ood_score=ood,
             features=features if keep_features else None,
+            feature_dims=feature_dims if keep_features else None,
             **cam,
         )
+
+
+def trunk_stages(model: nn.Module) -> list[str]:
+    """The names of ``model.features``' children, with a container of stages (timm's
+    ``blocks``) opened: the candidate feature layers of the input gate, beside ``pool``."""
+    trunk = getattr(model, "features", None)
+    names: list[str] = []
+    for name, child in trunk.named_children() if trunk is not None else ():
+        kids = list(child.named_children())
+        if len(kids) >= 2 and all(isinstance(k, nn.Sequential) for _, k in kids):
+            names += [f"features.{name}.{k}" for k, _ in kids]
+        else:
+            names.append(f"features.{name}")
+    return names
+
+
+def feature_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule ``name`` of ``model``, or a ValueError naming the candidates."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        candidates = ", ".join([FEATURE_LAYER, *trunk_stages(model)])
+        raise ValueError(f"no layer {name!r} in the model; candidates: {candidates}") from None
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:

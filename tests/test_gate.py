@@ -46,6 +46,27 @@ def test_vector_scaling_only_when_it_clearly_wins() -> None:
     assert fit_calibration(skewed, labels, fitted_on="synthetic").method == "vector"
 
 
+def test_calibrated_logits_keep_temperature_one() -> None:
+    """Logits calibrated already, 90 films (a validation split's size): a fitted temperature
+    rarely beats T = 1 out of sample, and then none is applied (the card says why); over-
+    confident ones always get theirs."""
+    kept = 0
+    for seed in range(10):
+        rng = np.random.default_rng(100 + seed)
+        true = rng.normal(size=(90, 3)) * 2.0
+        probs = torch.softmax(torch.tensor(true), 1).numpy()
+        labels = np.array([rng.choice(3, p=p) for p in probs])
+        cal = fit_calibration(true, labels, fitted_on="synthetic")
+        if cal.note:
+            assert cal.cv_nll["temperature"] >= cal.cv_nll["none"] == cal.nll_before
+            assert cal.temperature == 1.0 and cal.nll_after == cal.nll_before
+            assert "did not beat T = 1" in cal.note
+            kept += 1
+        hot = fit_calibration(true * 2.5, labels, fitted_on="synthetic")
+        assert not hot.note and hot.cv_nll["temperature"] < hot.cv_nll["none"]
+    assert kept >= 6
+
+
 # ------------------------------------------------------------------------------- the gate
 
 
@@ -100,11 +121,67 @@ def test_ledoit_wolf_and_mahalanobis() -> None:
     x = rng.normal(size=(100, 300))  # fewer samples than dimensions: shrinkage needed
     cov, shrinkage = ledoit_wolf(x)
     assert 0 < shrinkage <= 1 and np.all(np.linalg.eigvalsh(cov) > 0)
-    stats, _ = GateStats.fit(x)
-    near, far = stats.score(x[:5]), stats.score(x[:5] + 3.0)
-    assert np.all(far > near)
+    stats, _ = GateStats.fit(x, (300,))
+    near, far = stats.distances(x[:5]), stats.distances(x[:5] + 3.0)
+    assert near.shape == (5, 1) and np.all(far > near)
+    d = x[:5] - x.mean(0)  # the distance is the textbook one
+    expected = np.sqrt(np.einsum("bi,ij,bj->b", d, np.linalg.inv(cov), d))
+    np.testing.assert_allclose(near[:, 0], expected, rtol=1e-9)
     again = GateStats.from_bytes(stats.to_bytes())
-    np.testing.assert_allclose(again.score(x[:5]), near)
+    np.testing.assert_allclose(again.distances(x[:5]), near)
+
+
+def test_several_layers_are_standardised_on_val_and_summed() -> None:
+    """Two feature layers side by side: one distance per layer, each standardised by its
+    val mean and spread, summed; the threshold refuses at most 5 % of the val films, and a
+    shift in either layer alone raises the score."""
+    rng = np.random.default_rng(3)
+    train, val = rng.normal(size=(300, 12)), rng.normal(size=(100, 12))
+    gate, stats = fit_gate(train, val, np.zeros((100, 3)), layers=("a", "b"), dims=(4, 8))
+    assert gate.feature_layers == ("a", "b") and gate.dims == (4, 8) and len(gate.shrinkage) == 2
+    dist = stats.distances(val)
+    assert dist.shape == (100, 2)
+    z = (dist - dist.mean(0)) / dist.std(0)
+    np.testing.assert_allclose(gate.score(dist), z.sum(1), rtol=1e-9)
+    assert np.mean(gate.score(dist) > gate.threshold) <= 0.05
+    for cols in (slice(0, 4), slice(4, 12)):
+        shifted = val[:20].copy()
+        shifted[:, cols] += 4.0
+        assert np.all(gate.score(stats.distances(shifted)) > gate.score(dist[:20]))
+    again = GateStats.from_bytes(stats.to_bytes())
+    np.testing.assert_allclose(again.distances(val), dist)
+    with pytest.raises(ValueError, match="shape"):
+        stats.distances(val[:, :10])
+
+
+def test_one_layer_gate_from_before_several_layers_scores_unchanged() -> None:
+    """A card and statistics file as the one-layer gate wrote them: the raw distance, the
+    same threshold."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 16))
+    cov, shrinkage = ledoit_wolf(x)
+    old = {
+        "method": "mahalanobis",
+        "feature_layer": "pool",
+        "threshold": 5.0,
+        "energy_threshold": -1.2,
+        "shrinkage": shrinkage,
+        "dim": 16,
+        "fitted_on": "train (200 images); threshold on val (50)",
+        "val_rejection": 0.05,
+        "val_scores": {"mahalanobis": (4.0, 1.0), "energy": (-2.0, 0.5)},
+        "combined_threshold": 2.9,
+        "stats_file": "gate.safetensors",
+        "stats_sha256": "",
+    }
+    gate = Gate.model_validate(old)
+    assert gate.feature_layers == ("pool",) and gate.dims == (16,) and gate.layer_scale is None
+    stats = GateStats.from_bytes(save({"mean": x.mean(0), "precision": np.linalg.inv(cov)}))
+    d = x[:7] - x.mean(0)
+    expected = np.sqrt(np.einsum("bi,ij,bj->b", d, np.linalg.inv(cov), d))
+    np.testing.assert_allclose(gate.score(stats.distances(x[:7])), expected, rtol=1e-9)
 
 
 # ------------------------------------------------------------- cards and scoring versions
@@ -141,8 +218,14 @@ def test_scoring_version_covers_what_changes_outputs(tmp_path) -> None:
     v1 = save_model_dir(model, warm, str(tmp_path / "b")).scoring_version
     tta = base.model_copy(update={"tta_hflip": True})
     v2 = save_model_dir(model, tta, str(tmp_path / "c")).scoring_version
-    feats = np.random.default_rng(0).normal(size=(40, 1280))
-    gate, stats = fit_gate(feats, feats[:10], np.zeros((10, 3)))
+    model_layers = ("features.blocks.3", "pool")
+    probe = Predictor(model, base, device="cpu", threads=1, gate_layers=model_layers)
+    dims = probe.predict(torch.rand(2, 1, 64, 64), with_cam=False, return_features=True)
+    assert probe.feature_layers == model_layers and dims.feature_dims is not None
+    feats = np.random.default_rng(0).normal(size=(40, sum(dims.feature_dims)))
+    gate, stats = fit_gate(
+        feats, feats[:10], np.zeros((10, 3)), layers=model_layers, dims=dims.feature_dims
+    )
     gated = save_model_dir(
         model,
         base.model_copy(update={"gate": gate}),
@@ -268,3 +351,97 @@ def test_nightly_job_marks_the_out_of_scope_folder(gated_model, tmp_path) -> Non
     assert all(r["label"] is None and r["status"] == "out_of_scope" for r in refused)
     assert all(r["prob_covid"] is not None for r in refused)  # scores kept: the image layer
     assert {r["gate_reason"] for r in refused} == {"ood_image"}
+
+
+# ------------------------------------------------------------------ the gate's feature layers
+
+
+def test_feature_layers_are_the_pooled_outputs_of_the_named_modules() -> None:
+    """Several layers in one forward pass: each the spatial mean of that module's output in
+    the plain model (no folding, no channels_last), side by side in the order asked."""
+    from covidray.predict import trunk_stages
+
+    model = tiny_lite0(5)
+    layers = ("features.blocks.3", "pool", "features.bn1")
+    p = Predictor(
+        model, ModelCard.for_model(model, 64), device="cpu", threads=1, gate_layers=layers
+    )
+    x = torch.rand(3, 1, 64, 64)
+    res = p.predict(x, with_cam=True, return_features=True)
+    seen = {}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: seen.__setitem__(n, out.mean((2, 3)) if out.ndim == 4 else out)
+        )
+        for n in layers
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    expected = torch.cat([seen[n] for n in layers], 1).numpy()
+    assert res.feature_dims == (80, 1280, 32)
+    np.testing.assert_allclose(res.features, expected, rtol=1e-3, atol=1e-4)
+    assert "features.blocks.3" in trunk_stages(model) and "features.conv_head" in trunk_stages(
+        model
+    )
+    with pytest.raises(ValueError, match="no layer 'features.nope'.*features.blocks.0"):
+        Predictor(
+            model, ModelCard.for_model(model, 64), device="cpu", gate_layers=["features.nope"]
+        )
+    with pytest.raises(ValueError, match="BatchNorm folded into it"):
+        Predictor(
+            model, ModelCard.for_model(model, 64), device="cpu", gate_layers=["features.conv_head"]
+        )
+
+
+def test_calibrate_fits_a_multi_layer_gate_from_the_command_line(tmp_path, capsys) -> None:
+    """``covidray calibrate --gate-layer A --gate-layer B``: the card names both layers, the
+    statistics file holds one block each, ``evaluate`` reports the refusals by class, and a
+    layer the model does not have is one error line."""
+    import json
+
+    from covidray.cli import main
+    from covidray.config import IngestConfig, SplitConfig
+    from covidray.ingest import ingest
+    from covidray.synth import write_phantoms
+
+    write_phantoms(str(tmp_path / "raw"), n_per_class=10, seed=4, size=64)
+    ds = str(tmp_path / "ds")
+    ingest(IngestConfig(src=str(tmp_path / "raw"), dest=ds, size=64, split=SplitConfig(seed=8)))
+    save_model_dir(tiny_lite0(3), ModelCard.for_model(tiny_lite0(3), 64, 64), str(tmp_path / "m"))
+    argv = ["calibrate", "--model", str(tmp_path / "m"), "--data", ds]
+    assert main([*argv, "--gate-layer", "features.blocks.4", "--gate-layer", "pool"]) == 0
+    capsys.readouterr()
+    _, card = load_model_dir(str(tmp_path / "m"))
+    assert card.gate is not None and card.gate.feature_layers == ("features.blocks.4", "pool")
+    assert card.gate.dims == (112, 1280) and card.gate.layer_scale is not None
+    p = Predictor.from_dir(str(tmp_path / "m"), device="cpu", threads=1)
+    assert p.gate_stats is not None and p.gate_stats.dims == (112, 1280)
+
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "m"),
+                "--data",
+                ds,
+                "--split",
+                "val",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by_label = report["false_rejections_by"]["label"]
+    assert sum(n for _, n in by_label.values()) == report["n"]
+    assert sum(k for k, _ in by_label.values()) == round(
+        report["false_rejection_rate"] * report["n"]
+    )
+
+    assert main([*argv, "--gate-layer", "features.nope"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no layer 'features.nope'" in err

@@ -243,10 +243,17 @@ def outputs_line(report: EvalReport) -> str:
         else f"input gate refused {out.n_rejected}/{report.n} (false rejections "
         f"{_rate(out.n_rejected, report.n)})"
     )
-    return (
+    line = (
         f"Calibration: {cal['method']} T = {cal['temperature']:.2f}, {ece}, "
         f"{out.labels_changed_by_calibration} label(s) changed · {gate}"
     )
+    if out.n_rejected:
+        line += "\nRefused in-scope films by " + "; by ".join(
+            f"{column}: " + ", ".join(f"{v} {k}/{n}" for v, (k, n) in values.items())
+            for column, values in out.false_rejections_by.items()
+            if column in ("label", "source", "age_group")
+        )
+    return line
 
 
 def compare_text(reports: dict[str, EvalReport], title: str = "") -> Group:

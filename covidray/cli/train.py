@@ -82,12 +82,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(CalibrateConfig, args)
     card, reports = calibrate_model_dir(
-        cfg.model, cfg.data, cfg.out, device=cfg.device, batch_size=cfg.batch_size
+        cfg.model,
+        cfg.data,
+        cfg.out,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        gate_layers=tuple(cfg.gate_layer),
     )
     cal = card.effective_calibration
     console.print(
         f"calibration: {cal.method}, T = {cal.temperature:.3f} (fitted on {cal.fitted_on}); "
-        f"gate threshold {card.gate.threshold:.2f}; scoring version {card.scoring_version}"
+        f"gate over {', '.join(card.gate.feature_layers)}, threshold {card.gate.threshold:.2f}; "
+        f"scoring version {card.scoring_version}"
     )
     for split, report in reports.items():
         out = report.outputs

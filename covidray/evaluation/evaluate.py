@@ -4,6 +4,7 @@ metrics with subgroups, calibration and gate figures."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,11 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 
     return predictor.predict_many(images, batch_size, with_cam=False)
 
 
-def output_figures(res: Any, labels: np.ndarray, predictor: Predictor) -> OutputFigures:
-    """Calibration before and after (bootstrap intervals) and the gate's false rejections."""
+def output_figures(
+    res: Any, labels: np.ndarray, predictor: Predictor, groups: pd.DataFrame | None = None
+) -> OutputFigures:
+    """Calibration before and after (bootstrap intervals) and the gate's false rejections,
+    overall and by true class and each of ``groups``' columns (same row order)."""
     raw = torch.as_tensor(res.logits).softmax(1).numpy()
     rejected = int((~res.in_scope).sum())
     n = len(labels)
@@ -50,7 +54,26 @@ def output_figures(res: Any, labels: np.ndarray, predictor: Predictor) -> Output
         false_rejection_rate=None if predictor.gate is None else rejected / n,
         false_rejection_interval=None if predictor.gate is None else wilson(rejected, n),
         n_rejected=rejected,
+        false_rejections_by={}
+        if predictor.gate is None
+        else _rejections_by(~res.in_scope, labels, predictor.classes, groups),
     )
+
+
+def _rejections_by(
+    refused: np.ndarray, labels: np.ndarray, classes: Sequence[str], groups: pd.DataFrame | None
+) -> dict[str, dict[str, tuple[int, int]]]:
+    columns = {"label": pd.Series([classes[int(y)] for y in labels])}
+    if groups is not None:
+        columns.update({c: groups[c].reset_index(drop=True) for c in groups.columns})
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, column in columns.items():
+        values = column.fillna("unknown").astype(str).to_numpy()
+        out[name] = {
+            v: (int(refused[values == v].sum()), int((values == v).sum()))
+            for v in sorted(set(values))
+        }
+    return out
 
 
 def evaluate_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 64) -> EvalReport:
@@ -59,7 +82,8 @@ def evaluate_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int =
     labels = rows["y"].to_numpy()
     groups = rows[[c for c in GROUP_COLUMNS if c in rows.columns]].reset_index(drop=True)
     report = evaluate_predictions(res.probs, labels, groups)
-    return report.model_copy(update={"outputs": output_figures(res, labels, predictor)})
+    outputs = output_figures(res, labels, predictor, groups)
+    return report.model_copy(update={"outputs": outputs})
 
 
 def evaluate_model(

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel
 
 from ..decode import decode_array
-from ..gate import combined_score, energy
+from ..gate import energy
 from ..predict import Predictor
 from ..preprocess import prepare_array
 from .intervals import auroc, bootstrap, wilson
@@ -44,13 +44,10 @@ SCREENSHOTS = ("text", "page", "logo", "colorwheel", "checkerboard")
 
 class KindFigures(BaseModel):
     n: int
-    auroc: float  # the gate's score (Mahalanobis) against the in-scope films
+    auroc: float  # the gate's score (ood_score) against the in-scope films
     auroc_interval: tuple[float, float] | None  # bootstrap 95 %
     energy_auroc: float  # the energy score, for comparison
-    # Both standardised on val and summed (gate.combined_score), for comparison; with its
-    # rejection rate at the threshold that refuses ``val_rejection`` of the val films.
-    combined_auroc: float | None = None
-    combined_rejection_rate: float | None = None
+    layer_auroc: dict[str, float] = {}  # each feature layer's distance alone, for comparison
     rejected: int  # above the model's threshold
     rejection_rate: float
     rejection_interval: tuple[float, float] | None  # Wilson 95 %
@@ -61,9 +58,8 @@ class GateEvaluation(BaseModel):
     false_rejection_rate: float
     false_rejection_interval: tuple[float, float] | None
     threshold: float
+    feature_layers: tuple[str, ...]
     kinds: dict[str, KindFigures]
-    # The combined score's false rejections at its own val threshold (None: not recorded).
-    combined_false_rejection_rate: float | None = None
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -139,9 +135,11 @@ def made_negatives(films: Sequence[np.ndarray], seed: int = 0) -> dict[str, list
     }
 
 
-def _scores(predictor: Predictor, images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, ...]:
+def model_inputs(predictor: Predictor, images: Sequence[bytes | np.ndarray]) -> np.ndarray:
+    """Raw image bytes or 8-bit gray arrays → the model's ``N×1×S×S`` uint8 inputs (the
+    card's preprocessing)."""
     prep = predictor.card.preprocessing
-    batch = np.stack(
+    return np.stack(
         [
             prepare_array(
                 decode_array(i) if isinstance(i, bytes) else i.astype(np.float32) / 255,
@@ -151,8 +149,29 @@ def _scores(predictor: Predictor, images: Sequence[bytes | np.ndarray]) -> tuple
             for i in images
         ]
     )[:, None]
-    res = predictor.predict_many(batch, 32, with_cam=False)
-    return res.ood_score, energy(res.logits)
+
+
+def out_of_scope_sets(films: Sequence[bytes], ood: Path | None) -> dict[str, list]:
+    """Every kind of out-of-scope image, by name: ``ood``'s CT slices and laterals (when the
+    folder has a manifest), scikit-image's photographs and screenshots, and the negatives made
+    from the first 20 of ``films`` (in-scope films' raw bytes) and from scratch."""
+    kinds: dict[str, list] = {}
+    if ood is not None and (ood / "manifest.csv").exists():
+        kinds.update(shared_ood(ood))
+    kinds["photograph"] = skimage_images(PHOTOGRAPHS)
+    kinds["screenshot"] = skimage_images(SCREENSHOTS)
+    u8 = [(decode_array(f) * 255).round().astype("uint8") for f in films[:20]]
+    kinds.update(made_negatives(u8))
+    return kinds
+
+
+def _scores(predictor: Predictor, images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, ...]:
+    """``ood_score``, the energy score and each layer's distance ``(N, L)`` of ``images``."""
+    batch = model_inputs(predictor, images)
+    res = predictor.predict_many(batch, 32, with_cam=False, return_features=True)
+    if predictor.gate_stats is None or res.features is None:
+        raise ValueError("the model has no input gate: fit one (covidray calibrate)")
+    return res.ood_score, energy(res.logits), predictor.gate_stats.distances(res.features)
 
 
 def evaluate_gate(
@@ -165,42 +184,34 @@ def evaluate_gate(
     if predictor.gate is None:
         raise ValueError("the model has no input gate: fit one (covidray calibrate)")
     gate = predictor.gate
-    ins, ins_energy = _scores(predictor, in_scope)
-    ins_combined = combined_score(gate, ins, ins_energy)
-    with_combined = ins_combined is not None and gate.combined_threshold is not None
+    ins, ins_energy, ins_layers = _scores(predictor, in_scope)
     rejected_in = int((ins > gate.threshold).sum())
     figures = {}
     for kind, images in kinds.items():
         if not images:
             continue
-        out, out_energy = _scores(predictor, images)
+        out, out_energy, out_layers = _scores(predictor, images)
         rejected = int((out > gate.threshold).sum())
-        combined = {}
-        if with_combined:
-            out_combined = combined_score(gate, out, out_energy)
-            combined = {
-                "combined_auroc": auroc(ins_combined, out_combined),
-                "combined_rejection_rate": float(np.mean(out_combined > gate.combined_threshold)),
-            }
         figures[kind] = KindFigures(
             n=len(out),
             auroc=auroc(ins, out),
             auroc_interval=_auroc_interval(ins, out),
             energy_auroc=auroc(ins_energy, out_energy),
+            layer_auroc={
+                name: auroc(ins_layers[:, i], out_layers[:, i])
+                for i, name in enumerate(gate.feature_layers)
+            },
             rejected=rejected,
             rejection_rate=rejected / len(out),
             rejection_interval=wilson(rejected, len(out)),
-            **combined,
         )
     return GateEvaluation(
         n_in_scope=len(ins),
         false_rejection_rate=rejected_in / len(ins),
         false_rejection_interval=wilson(rejected_in, len(ins)),
         threshold=gate.threshold,
+        feature_layers=gate.feature_layers,
         kinds=figures,
-        combined_false_rejection_rate=(
-            float(np.mean(ins_combined > gate.combined_threshold)) if with_combined else None
-        ),
     )
 
 

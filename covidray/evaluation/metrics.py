@@ -111,6 +111,9 @@ class OutputFigures(BaseModel):
     false_rejection_rate: float | None  # None: no gate fitted
     false_rejection_interval: tuple[float, float] | None  # Wilson 95 %
     n_rejected: int
+    # The gate's refusals by subgroup: column (label, source, age group, view) -> value ->
+    # (refused, films). Refusals that fall on one class or one source are a bias like any other.
+    false_rejections_by: dict[str, dict[str, tuple[int, int]]] = {}
 
 
 class EvalReport(BaseModel):
