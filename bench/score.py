@@ -4,7 +4,7 @@ same images, for each model of ``--models`` (default: the default model, efficie
 320 px, then EfficientNet-B0 at 224 px).
 
     .venv/bin/python bench/score.py [--n 512] [--batch-size 32] [--models lite0:320,b0:224]
-                                    [--skip naive,job,local]
+                                    [--skip naive,job,local,bf16]
 
 (a) forward: the model alone on pre-decoded uint8 batches (channels_last, inference_mode,
     torch threads = physical cores). RESULT key ``predict_img_s``.
@@ -154,6 +154,7 @@ def bench_inline(
     batches: list[torch.Tensor],
     blob_batches: list[list[bytes]],
     naive: bool,
+    bf16: bool = True,
 ) -> tuple[dict[str, float], int]:
     """Seconds per method over all images, in two interleaved passes: (a) and the (b) variants
     together, then (b) against (c). The naive pipeline's allocations (PIL, OpenCV, batch-1
@@ -161,7 +162,7 @@ def bench_inline(
     comes from a pass of its own; ``b`` is from the first pass, ``b_with_c`` the second."""
     predictor = Predictor(model, card, device="cpu", threads=physical_cores())
     net = predictor.model  # the same module: channels_last, eval, BatchNorm folded
-    bf16 = Predictor(model, card, device="cpu", threads=physical_cores(), amp=True)
+    amp = Predictor(model, card, device="cpu", threads=physical_cores(), amp=True)
     nofold = Predictor(model, card, device="cpu", threads=physical_cores(), fold_bn=False)
     print(f"  BatchNorm layers folded: {predictor.folded}", flush=True)
 
@@ -176,9 +177,10 @@ def bench_inline(
         "a": forward,
         "b": ours,
         "b_nocam": lambda i: predictor.predict(batches[i], with_cam=False),
-        "b_bf16": lambda i: bf16.predict(batches[i], with_cam=True),
         "b_nofold": lambda i: nofold.predict(batches[i], with_cam=True),
     }
+    if bf16:  # ~20x slower than fp32 on a CPU without bf16 units: half the bench's time here
+        methods["b_bf16"] = lambda i: amp.predict(batches[i], with_cam=True)
     # Warm-up: oneDNN primitives for each batch shape, lazy imports.
     shapes = {0, len(batches) - 1} if len(batches[-1]) != len(batches[0]) else {0}
     for fn in methods.values():
@@ -342,10 +344,11 @@ def bench_model(
     blob_batches = [blobs[i : min(i + bs, n)] for i in range(0, n, bs)]
     print(f"(a) with (b), then (b) with (c), interleaved batch by batch on {n} images", flush=True)
     batches = list(torch.split(decoded[:n], bs))
-    t, folded = bench_inline(model, card, batches, blob_batches, "naive" not in skip)
-    a, b, b_nocam, b_bf16, b_nofold = (
-        n / t[k] for k in ("a", "b", "b_nocam", "b_bf16", "b_nofold")
+    t, folded = bench_inline(
+        model, card, batches, blob_batches, "naive" not in skip, "bf16" not in skip
     )
+    a, b, b_nocam, b_nofold = (n / t[k] for k in ("a", "b", "b_nocam", "b_nofold"))
+    b_bf16 = n / t["b_bf16"] if "b_bf16" in t else float("nan")
     c = n / t["c"] if "c" in t else float("nan")
     b_with_c = n / t["b_with_c"] if "b_with_c" in t else float("nan")
     jobs = {} if s3 is None and "local" in skip else bench_jobs(
@@ -436,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         "is reported at the top level of RESULT",
     )
     ap.add_argument("--data", type=Path, default=SHARED)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: naive,job,local")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: naive,job,local,bf16")
     ap.add_argument("--job-workers", type=int, help="(d): scoring actors (default: the job's)")
     ap.add_argument("--job-threads", type=int, help="(d): threads per actor (default: the job's)")
     args = ap.parse_args(argv)

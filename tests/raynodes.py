@@ -186,7 +186,7 @@ class RayNode:
         except OSError:
             return ""
 
-    def stop(self, grace: float = 20) -> None:
+    def stop(self, grace: float = 3) -> None:
         """SIGTERM every process of this node's session, SIGKILL what is left after ``grace``."""
         if self.proc is None:
             return
