@@ -38,6 +38,9 @@ from .inputs import list_inputs
 from .lock import OutputLock
 from .stages import ScoreWorker, read_decode, write_batch
 
+# Memory reserved per write task (a file of rows_per_file scores, overlays included).
+WRITE_MEMORY_BYTES = 256 * 2**20
+
 
 class ScoreResult(BaseModel):
     """What a scoring run did (printed by the CLI as a table and one JSON line)."""
@@ -215,6 +218,9 @@ def _run_score(
         },
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=2),
+        # A memory request keeps these zero-CPU tasks off nodes that offer no "memory"
+        # resource (the chart's Ray heads: num-cpus 0, memory 0), like the reads.
+        memory=WRITE_MEMORY_BYTES,
     )
     counts: Counter[str] = Counter(n_skipped=n_skipped)
     reasons: Counter[str] = Counter()
