@@ -38,6 +38,7 @@ CI_IDS = [p.stem for p in CI_VALUES]
 DEFAULT = CHART / "ci" / "default-values.yaml"
 PRODUCTION = CHART / "ci" / "production-gpu-values.yaml"
 JOBS = CHART / "ci" / "jobs-values.yaml"
+PACS = CHART / "ci" / "nightly-pacs-values.yaml"
 KUBERAY = {"RayService", "RayJob", "RayCronJob", "RayCluster"}
 NOT_CORE = KUBERAY | {"PodMonitor"}
 needs_schemas = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"no KubeRay CRDs at {SCHEMAS}")
@@ -177,6 +178,14 @@ BAD_VALUES = {
     "nightly without data": {"nightly": {"enabled": True, "data": ""}},
     "training without out": {"training": {"enabled": True, "data": "s3://b/ds"}},
     "bad pull policy": {"image": {"pullPolicy": "Sometimes"}},
+    "nightly without pseudonym key": {"pseudonymKeySecret": {"name": ""}},
+    "pseudonym key in values": {"pseudonymKeySecret": {"value": "site-secret"}},
+    "pdb as maxUnavailable": {"serve": {"podDisruptionBudget": {"maxUnavailable": 1}}},
+    "unknown upgrade strategy": {"serve": {"upgradeStrategy": {"type": "Recreate"}}},
+    "pacs without links": {"nightly": {"pacs": {"source": "dicomweb+https://pacs/dicom-web"}}},
+    "pacs password in values": {"nightly": {"pacs": {"password": "hunter2"}}},
+    "pacs source not dicomweb": {"nightly": {"pacs": {"source": "https://pacs/dicom-web"}}},
+    "two ca bundles": {"nightly": {"pacs": {"caBundle": {"configMap": "a", "secret": "b"}}}},
 }
 
 
@@ -335,8 +344,9 @@ def test_rayservice_gpu_workers_autoscaling_and_readiness():
     assert container["image"].endswith(":0.1.0-gpu")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
-    probe = container["readinessProbe"]["httpGet"]
-    assert probe == {"path": "/readyz", "port": 8000}
+    # KubeRay's own probes (raylet + local Serve proxy), not the chart's.
+    assert "readinessProbe" not in container and "livenessProbe" not in container
+    assert {"name": "serve", "containerPort": 8000} in container["ports"]
     env = {e["name"]: e for e in container["env"]}
     assert env["COVIDRAY_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {
         "name": "covidray-api-token",
@@ -351,7 +361,7 @@ def test_default_rayservice_runs_on_cpu_workers():
     (cpu,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     container = cpu["template"]["spec"]["containers"][0]
     assert cpu["groupName"] == "cpu" and "nvidia.com/gpu" not in str(container["resources"])
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "readinessProbe" not in container
     assert "COVIDRAY_API_TOKEN" not in {e["name"] for e in container["env"]}
 
 
@@ -378,16 +388,33 @@ def test_ray_token_auth_off_says_disabled():
             assert env["RAY_AUTH_MODE"] == "disabled"
 
 
-def test_pdb_selects_the_serve_workers():
-    docs = render(load_values(DEFAULT))
-    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+def test_pdbs_select_the_serve_workers_and_the_head():
+    docs = render(load_values(PRODUCTION))
+    pdbs = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "PodDisruptionBudget")}
+    assert set(pdbs) == {"covidray-ci-serve", "covidray-ci-serve-head"}
     (service,) = by_kind(docs, "RayService")
-    selector = pdb["spec"]["selector"]["matchLabels"]
     cluster = service["spec"]["rayClusterConfig"]
-    for group, template in pod_templates(cluster):
-        selected = selector.items() <= template["metadata"]["labels"].items()
-        assert selected == (group != "head"), group
-    assert pdb["spec"]["maxUnavailable"] == 1
+    for name, role in (("covidray-ci-serve", "worker"), ("covidray-ci-serve-head", "head")):
+        selector = pdbs[name]["selector"]["matchLabels"]
+        for group, template in pod_templates(cluster):
+            selected = selector.items() <= template["metadata"]["labels"].items()
+            assert selected == ((group == "head") == (role == "head")), (name, group)
+    # Two GPU workers at minimum: drains keep one.
+    assert pdbs["covidray-ci-serve"]["minAvailable"] == 1
+    assert pdbs["covidray-ci-serve-head"]["minAvailable"] == 1
+
+
+def test_pdb_minavailable_from_values_and_checked():
+    values = merged(
+        load_values(PRODUCTION), {"serve": {"podDisruptionBudget": {"minAvailable": 2}}}
+    )
+    with pytest.raises(helm.HelmError, match="must be below the Serve workers' minReplicas"):
+        render_files(values)
+    # One CPU worker at minimum (the defaults): no worker PDB, the head's only.
+    names = {
+        p["metadata"]["name"] for p in by_kind(render(load_values(DEFAULT)), "PodDisruptionBudget")
+    }
+    assert names == {"covidray-ci-serve-head"}
 
 
 # --- nightly rescoring, training, GAN -----------------------------------------------------
@@ -406,13 +433,30 @@ def _nightly(values_file: Path, kind: str, other: str) -> tuple[dict, list[dict]
     return values, docs, cron
 
 
+def _deletion(spec: dict[str, Any]) -> dict[tuple[str, str], int]:
+    """{(policy, condition status): ttlSeconds} of a RayJob spec's deletion rules."""
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    out = {}
+    for rule in spec["deletionStrategy"]["deletionRules"]:
+        c = rule["condition"]
+        out[(rule["policy"], c.get("jobStatus") or c["jobDeploymentStatus"])] = c["ttlSeconds"]
+    return out
+
+
+NIGHTLY_DELETION = {
+    (policy, status): ttl
+    for policy, ttl in (("DeleteCluster", 600), ("DeleteSelf", 604800))
+    for status in ("SUCCEEDED", "FAILED", "Failed")
+}
+
+
 def test_nightly_raycronjob_when_the_gate_is_on():
-    values, docs, cron = _nightly(PRODUCTION, "RayCronJob", "CronJob")
+    values, docs, cron = _nightly(JOBS, "RayCronJob", "CronJob")
     n = values["nightly"]
     assert (cron["spec"]["schedule"], cron["spec"]["timeZone"]) == (n["schedule"], n["timeZone"])
     assert set(cron["spec"]) <= {"schedule", "timeZone", "suspend", "jobTemplate"}
     job = cron["spec"]["jobTemplate"]
-    assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] >= 0
+    assert _deletion(job) == NIGHTLY_DELETION
     assert _entrypoint(job) == [
         "python",
         "/app/jobs/rescore.py",
@@ -435,12 +479,12 @@ def test_nightly_fallback_cronjob_when_the_gate_is_off():
     assert (spec["schedule"], spec["timeZone"]) == ("0 2 * * *", "Etc/UTC")
     pod = spec["jobTemplate"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["args"][:2] == ["create", "-f"]
-    # Its own ServiceAccount, allowed to create and get RayJobs and nothing else.
+    assert container["args"][:3] == ["apply", "--server-side", "--field-manager=covidray-nightly"]
+    # Its own ServiceAccount, allowed to apply RayJobs and nothing else.
     account = pod["serviceAccountName"]
     (role,) = by_kind(docs, "Role")
     assert role["rules"] == [
-        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "patch"]}
     ]
     (binding,) = by_kind(docs, "RoleBinding")
     assert binding["roleRef"] == {
@@ -450,19 +494,28 @@ def test_nightly_fallback_cronjob_when_the_gate_is_off():
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "xray"}]
     assert account in {sa["metadata"]["name"] for sa in by_kind(docs, "ServiceAccount")}
-    # The RayJob it creates: from the mounted ConfigMap, a generated name per run.
+    # The RayJob it applies: the mounted ConfigMap's manifest, named by the init container
+    # after the pod's Job (one name per scheduled run, the same on every retry).
     (volume,) = [v for v in pod["volumes"] if "configMap" in v]
-    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
-    assert container["args"][2] == f"{mount['mountPath']}/rayjob.yaml"
+    (init,) = pod["initContainers"]
+    (mount,) = [m for m in init["volumeMounts"] if m["name"] == volume["name"]]
+    assert f"{mount['mountPath']}/rayjob.yaml" in init["command"][2]
+    (job_name,) = [e for e in init["env"] if e["name"] == "JOB_NAME"]
+    assert job_name["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['batch.kubernetes.io/job-name']"
+    )
+    work = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["work"]
+    assert f"> {work}/rayjob.yaml" in init["command"][2]
+    assert container["args"][4] == f"{work}/rayjob.yaml"
     (cm,) = [
         c
         for c in by_kind(docs, "ConfigMap")
         if c["metadata"]["name"] == volume["configMap"]["name"]
     ]
     job = yaml.safe_load(cm["data"]["rayjob.yaml"])
-    assert job["kind"] == "RayJob" and job["metadata"]["generateName"].endswith("-nightly-")
-    assert "name" not in job["metadata"]
-    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    assert job["kind"] == "RayJob" and job["metadata"]["name"] == "@JOB_NAME@"
+    assert "generateName" not in job["metadata"]
+    assert _deletion(job["spec"]) == NIGHTLY_DELETION
     assert _entrypoint(job["spec"])[1:] == [
         "/app/jobs/rescore.py",
         "--model",
@@ -472,6 +525,102 @@ def test_nightly_fallback_cronjob_when_the_gate_is_off():
         "--out",
         values["nightly"]["out"],
     ]
+
+
+def _pacs_job(values: dict[str, Any]) -> dict[str, Any]:
+    (job,) = embedded_rayjobs(render(values))
+    return job["spec"]
+
+
+def test_nightly_pacs_pull_runs_jobs_nightly():
+    values = load_values(PACS)
+    n, p = values["nightly"], values["nightly"]["pacs"]
+    spec = _pacs_job(values)
+    assert _entrypoint(spec) == [
+        "python",
+        "/app/jobs/nightly.py",
+        "--source",
+        p["source"],
+        "--to",
+        p["destination"],
+        "--data",
+        n["data"],
+        "--links",
+        p["links"],
+        "--model",
+        values["model"]["uri"],
+        "--out",
+        n["out"],
+        "--modality",
+        "CR",
+        "--modality",
+        "DX",
+        "--ca-bundle",
+        "/etc/covidray/pacs-ca/ca.crt",
+    ]
+    for _, template in pod_templates(spec["rayClusterSpec"]):
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        for name, key in (
+            ("COVIDRAY_DICOMWEB_USER", "username"),
+            ("COVIDRAY_DICOMWEB_PASSWORD", "password"),
+            ("COVIDRAY_DICOMWEB_TOKEN", "token"),
+        ):
+            assert "value" not in env[name]
+            assert env[name]["valueFrom"]["secretKeyRef"] == {
+                "name": p["credentialsSecret"],
+                "key": key,
+                "optional": True,
+            }
+        (ca,) = [v for v in pod["volumes"] if v["name"] == "pacs-ca"]
+        assert ca["configMap"] == {
+            "name": "hospital-ca",
+            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+        }
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "pacs-ca"]
+        assert mount == {"name": "pacs-ca", "mountPath": "/etc/covidray/pacs-ca", "readOnly": True}
+    # Credentials never as arguments, never in the rendered text.
+    text = "\n".join(render_files(values).values())
+    assert "COVIDRAY_DICOMWEB" not in spec["entrypoint"]
+    assert "password" not in spec["entrypoint"] and "token" not in spec["entrypoint"]
+    assert "runtimeEnvYAML" not in text
+
+
+def test_nightly_pacs_defaults_and_secret_ca():
+    values = merged(
+        load_values(PACS),
+        {
+            "nightly": {
+                "pacs": {
+                    "destination": "",
+                    "modalities": [],
+                    "caBundle": {"configMap": "", "secret": "pacs-ca", "key": "bundle.pem"},
+                }
+            }
+        },
+    )
+    spec = _pacs_job(values)
+    words = _entrypoint(spec)
+    assert "--to" not in words and "--modality" not in words
+    assert words[words.index("--ca-bundle") + 1] == "/etc/covidray/pacs-ca/bundle.pem"
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (ca,) = [v for v in head["volumes"] if v["name"] == "pacs-ca"]
+    assert ca["secret"] == {
+        "secretName": "pacs-ca",
+        "items": [{"key": "bundle.pem", "path": "bundle.pem"}],
+    }
+    # No CA bundle: no mount, no flag.
+    plain = merged(values, {"nightly": {"pacs": {"caBundle": {"secret": ""}}}})
+    spec = _pacs_job(plain)
+    assert "--ca-bundle" not in _entrypoint(spec)
+    assert "pacs-ca" not in str(spec["rayClusterSpec"])
+
+
+def test_nightly_without_pacs_has_no_pacs_credentials():
+    (job,) = embedded_rayjobs(render(load_values(DEFAULT)))
+    assert _entrypoint(job["spec"])[1] == "/app/jobs/rescore.py"
+    assert "COVIDRAY_DICOMWEB" not in str(job) and "pacs-ca" not in str(job)
 
 
 def test_training_and_gan_jobs_off_by_default_on_in_jobs_values():
@@ -494,7 +643,10 @@ def test_training_and_gan_jobs_off_by_default_on_in_jobs_values():
     assert _entrypoint(gan)[:2] == ["python", "/app/jobs/train_gan.py"]
     assert _entrypoint(gan)[2:] == ["--data", g["data"], "--out", g["out"], *g["extraArgs"]]
     for spec in (train, gan):
-        assert spec["shutdownAfterJobFinishes"] is True
+        # The cluster goes; the Helm-owned RayJob stays (else the next upgrade re-runs it).
+        assert _deletion(spec) == {
+            ("DeleteCluster", status): 600 for status in ("SUCCEEDED", "FAILED", "Failed")
+        }
     assert not by_kind(docs, "RayService")
 
 
@@ -529,7 +681,7 @@ def test_pods_are_locked_down(ci):
         security = pod["securityContext"]
         assert security["runAsNonRoot"] is True, where
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        for container in pod["containers"]:
+        for container in pod["containers"] + pod.get("initContainers", []):
             c = container["securityContext"]
             assert c["readOnlyRootFilesystem"] is True, where
             assert c["allowPrivilegeEscalation"] is False, where
@@ -546,9 +698,9 @@ def test_ray_pods_run_as_ray_with_writable_emptydirs(ci):
             volumes = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
             env = {e["name"]: e.get("value") for e in container["env"]}
-            for path in ("/tmp", "/tmp/ray", "/dev/shm", env["HOME"]):
+            for path in ("/tmp", "/tmp/ray", env["HOME"]):
                 assert "emptyDir" in mounts[path], (owner, group, path)
-            assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
+            assert "/dev/shm" not in mounts  # KubeRay's, sized to the memory limit
             assert env["HOME"] != "/home/ray"  # the image's Python lives there
             assert env["MPLCONFIGDIR"].startswith("/tmp/")
             # Only a head running the autoscaler sidecar gets an API token.
@@ -631,21 +783,3 @@ def test_network_policy_covers_every_ray_pod():
         == operator
         + yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["serveFrom"]
     )
-
-
-def test_names_fit_kuberay_limits():
-    values = merged(load_values(PRODUCTION), {"training": load_values(JOBS)["training"]})
-    import helm_python
-
-    with helm_python.Chart.load(CHART) as chart:
-        out = chart.render(values=values, name="a-very-long-release-name-for-x-rays", namespace="x")
-    docs = [
-        d for k, t in out.items() if not k.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d
-    ]
-    limits = {"RayService": 47, "RayJob": 47, "RayCronJob": 36}
-    for doc in docs:
-        if doc["kind"] in limits:
-            assert len(doc["metadata"]["name"]) <= limits[doc["kind"]], doc["metadata"]["name"]
-    fallback = render(merged(load_values(DEFAULT), {"fullnameOverride": "x" * 40}))
-    for job in embedded_rayjobs(fallback):
-        assert len(job["metadata"]["generateName"]) + 5 <= 47
