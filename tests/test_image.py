@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helm_chart import CHART, by_kind, embedded_rayjobs, load_values, merged, render
+from helm_chart import CHART, by_kind, load_values, merged, rayjob_specs, render
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "cluster" / "Dockerfile"
@@ -217,9 +217,8 @@ def test_job_scripts_the_chart_runs_exist():
         {"nightly": load_values(CHART / "ci" / "default-values.yaml")["nightly"]},
     )
     docs = render(values)
-    specs = [d["spec"] for d in by_kind(docs, "RayJob") + embedded_rayjobs(docs)]
     scripts = set()
-    for spec in specs:
+    for _, spec in rayjob_specs(docs):
         words = shlex.split(spec["entrypoint"])
         assert words[0] == "python" and words[1].startswith("/app/jobs/"), words
         scripts.add(words[1].removeprefix("/app/"))
