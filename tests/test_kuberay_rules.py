@@ -313,7 +313,8 @@ def test_rayjob_spec_rules(ci):
         yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
         submitter = spec["submitterPodTemplate"]["spec"]
         assert submitter["restartPolicy"] == "Never"
-        # KubeRay fills in `ray job submit` (rayjob_controller.go): no command of our own, and
+        # KubeRay fills in `ray job submit` where none is set (rayjob_controller.go
+        # configureSubmitterContainer): no command of our own, and
         # the head's image, as GetDefaultSubmitterContainer uses, against version mismatches.
         (container,) = submitter["containers"]
         assert "command" not in container and "args" not in container
