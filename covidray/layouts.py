@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
+from .config import LAYOUTS
 from .datapaths import OutsideDataset, resolve_inside
 from .labels import FOLDER_NAMES, normalize_label, normalize_subtype
 from .manifest import CSV_METADATA_COLUMNS, CSV_NAME, CSV_PATH_COLUMNS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".webp")
-LAYOUTS = ("class-folders", "manifest", "ieee8023", "kaggle", "dicom")
 
 
 @dataclass
