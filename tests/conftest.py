@@ -49,10 +49,18 @@ SLOW_MODULES = frozenset(
 )
 
 
+def _on_s3(item: pytest.Item) -> bool:
+    """A case of a fixture parametrized over storages (``params=["local", "s3"]``) on S3: its
+    fixture asks for the S3 server at run time, so ``fixturenames`` does not show it."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, str) and v == "s3" for v in params.values())
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES:
+        uses = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & uses or module in SLOW_MODULES or _on_s3(item):
             item.add_marker(pytest.mark.slow)
 
 
