@@ -31,7 +31,6 @@ SLOW_FIXTURES = frozenset({"ray_cluster", "s3_server", "s3_bucket"})
 SLOW_MODULES = frozenset(
     {
         "test_bad_inputs",  # ingest through Ray tasks
-        "test_faultproxy",  # its own moto server
         "test_finetune",  # training runs
         "test_fixed_cam",  # the scoring job
         "test_gan",  # CycleGAN training on Ray Train
