@@ -1,4 +1,4 @@
-# covidray: two commands to know — `make demo` and `make test`.
+# covidray: two commands to know — `make demo` and `make test` (`make test-fast` while editing).
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +10,7 @@ WORKDIR ?= demo-output
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test bench ablation lint clean
+.PHONY: venv demo test test-fast bench ablation lint clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/covidray demo $(if $(DATA),--data $(DATA)) --workdir $(WORKDIR)
 
+# Everything, against real local parts (Ray, a moto S3 server, helm); the slowest tests listed.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+# The inner loop: no Ray cluster, no S3 server, no training (tests/conftest.py marks the rest).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Speed: scoring pipelines and a training epoch, each against a baseline in the same run.
 bench: $(STAMP)

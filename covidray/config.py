@@ -70,6 +70,10 @@ class DecodeConfig(Config):
     max_bytes: int = Field(256 * 1024 * 1024, gt=0, description="refuse files larger than this")
 
 
+# The source layouts ingest recognises (covidray.layouts builds each); ``auto`` detects one.
+LAYOUTS = ("class-folders", "manifest", "ieee8023", "kaggle", "dicom")
+
+
 class IngestConfig(Config):
     """`covidray ingest SRC DEST`."""
 
@@ -96,8 +100,6 @@ class IngestConfig(Config):
     @field_validator("layout")
     @classmethod
     def _known_layout(cls, v: str) -> str:
-        from .layouts import LAYOUTS  # at call time: layouts imports modules that import this
-
         if v != "auto" and v not in LAYOUTS:
             raise ValueError(f"unknown layout {v!r}: choose auto, {', '.join(LAYOUTS)}")
         return v

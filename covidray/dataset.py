@@ -19,7 +19,7 @@ from . import storage
 from .config import DecodeConfig
 from .datapaths import OutsideDataset, resolve_inside
 from .decode import decode_array
-from .labels import CLASSES
+from .labels import CLASSES, class_index
 from .manifest import SPLITS, manifest_base, read_manifest
 from .preprocess import prepare_array
 
@@ -49,7 +49,7 @@ def _manifest_frame(uri: str) -> pd.DataFrame:
     df = df[list(_ROW_COLUMNS)].copy()
     df = df[df["label"].isin(CLASSES)].reset_index(drop=True)
     df["uri"] = _inside(manifest_base(uri), list(df["uri"]))
-    df["y"] = [CLASSES.index(label) for label in df["label"]]
+    df["y"] = [class_index(label) for label in df["label"]]
     df["source"] = df["source"].fillna("unknown").astype(str)
     return df
 

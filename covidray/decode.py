@@ -126,15 +126,35 @@ class _DropWhileDecoding(logging.Filter):
         return not getattr(_inside, "depth", 0)
 
 
-_pydicom_logger = logging.getLogger("pydicom")
-if not any(isinstance(f, _DropWhileDecoding) for f in _pydicom_logger.filters):
-    _pydicom_logger.addFilter(_DropWhileDecoding())
+_filtered_loggers: set[str] = set()
+_loggers_seen = [-1]  # the number of loggers when they were last looked through
+
+
+def _filter_pydicom_loggers() -> None:
+    """Put the filter on ``pydicom`` and each of its child loggers (``pydicom.pixels.…``, made
+    as pydicom imports its modules): a logger's filters never see its children's records.
+    Called again after pydicom's imports; cheap when no logger was added since."""
+    loggers = logging.root.manager.loggerDict
+    if len(loggers) == _loggers_seen[0]:
+        return
+    _loggers_seen[0] = len(loggers)
+    names = [n for n in list(loggers) if n.split(".")[0] == "pydicom"]
+    for name in ["pydicom", *names]:
+        if name not in _filtered_loggers:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _DropWhileDecoding) for f in logger.filters):
+                logger.addFilter(_DropWhileDecoding())
+            _filtered_loggers.add(name)
+
+
+_filter_pydicom_loggers()
 
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Swallow warnings (Pillow's DecompressionBombWarning, bad EXIF, pydicom's value checks)
     and this thread's pydicom log records: odd files are reported through DecodeError only."""
+    _filter_pydicom_loggers()
     _inside.depth = getattr(_inside, "depth", 0) + 1
     try:
         with warnings.catch_warnings():
@@ -433,6 +453,8 @@ def read_dicom(data: bytes, *, stop_before_pixels: bool) -> Any:
     import struct
 
     import pydicom
+
+    _filter_pydicom_loggers()  # loggers its import made
     from pydicom.dataelem import RawDataElement
 
     if len(data) < 144:  # preamble, DICM and not even the file meta group length
@@ -546,6 +568,8 @@ def _require_decoder(tsyntax: Any) -> None:
     if not compressed:
         return
     from pydicom.pixels import get_decoder
+
+    _filter_pydicom_loggers()
 
     try:
         available = get_decoder(tsyntax).is_available

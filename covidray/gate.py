@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 GATE_STATS_NAME = "gate.safetensors"
 FEATURE_LAYER = "pool"  # CxrClassifier.pool: the head's input; the one layer of early cards
@@ -218,6 +218,3 @@ def fit_gate(
     )
     threshold = threshold_at(gate.score(distances), rejection)
     return gate.model_copy(update={"threshold": threshold}), stats
-
-
-GateField = Field(None, description="the input gate's image layer (None: no gate fitted)")

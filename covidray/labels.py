@@ -29,7 +29,8 @@ FOLDER_NAMES: dict[str, tuple[str, str]] = {
 
 
 def class_index(label: str) -> int:
-    return CLASSES.index(label)
+    """The position of ``label`` in :data:`CLASSES` (a model's output index)."""
+    return CLASSES.index(check_class(label))
 
 
 def check_class(label: str) -> str:

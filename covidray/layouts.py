@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
+from .config import LAYOUTS
 from .datapaths import OutsideDataset, resolve_inside
 from .labels import FOLDER_NAMES, normalize_label, normalize_subtype
 from .manifest import CSV_METADATA_COLUMNS, CSV_NAME, CSV_PATH_COLUMNS
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".webp")
-LAYOUTS = ("class-folders", "manifest", "ieee8023", "kaggle", "dicom")
+from .sidecars import is_sidecar
 
 
 @dataclass
@@ -60,10 +59,6 @@ def _rel(src: str, uri: str) -> str:
     src_path = storage.filesystem(src)[1]
     path = storage.filesystem(uri)[1]
     return posixpath.relpath(path.replace("\\", "/"), src_path.replace("\\", "/"))
-
-
-def _is_image_name(uri: str) -> bool:
-    return uri.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _blank(value: Any) -> bool:
@@ -440,7 +435,8 @@ def scan(src: str, layout: str = "auto", labels_uri: str | None = None) -> Layou
     files = storage.walk_files(src)
     name = detect(src, files) if layout == "auto" else layout
     metadata = {storage.join(src, n) for n in ("manifest.csv", "metadata.csv")}
-    data_files = [u for u in files if u not in metadata and u != labels_uri]
+    # Notes and metadata beside the images (covidray.sidecars) are neither inputs nor errors.
+    data_files = [u for u in files if u not in metadata and u != labels_uri and not is_sidecar(u)]
     builders: dict[str, Callable[[], Layout]] = {
         "class-folders": lambda: _class_folders(src, data_files),
         "manifest": lambda: _manifest_csv(src, data_files),

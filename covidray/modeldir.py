@@ -40,6 +40,7 @@ from . import __version__, storage
 from .calibration import UNCALIBRATED, Calibration
 from .gate import Gate
 from .labels import CLASSES
+from .prepcard import LEGACY_PREPROCESSING, Preprocessing, describe
 
 if TYPE_CHECKING:
     import torch
@@ -64,33 +65,6 @@ GENERATOR_CARD = "generator.json"
 
 class ModelLoadError(RuntimeError):
     """A model directory could not be read, verified or loaded."""
-
-
-# What every model before the card recorded its preprocessing was trained with: ingest's
-# default shorter side and the methods of covidray.preprocess at the time.
-LEGACY_PREPROCESSING = {
-    "shorter_side": 256,
-    "bit_depth": 8,
-    "shorter_side_resample": "lanczos",
-    "square_resize": "bilinear+antialias",
-}
-
-
-class Preprocessing(BaseModel):
-    """How an image must be prepared for the model (``covidray.preprocess``, which writes the
-    method fields from the code that applies them: :func:`covidray.preprocess.describe`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    input_size: int
-    shorter_side: int = LEGACY_PREPROCESSING["shorter_side"]  # ingest's normalisation
-    bit_depth: int = LEGACY_PREPROCESSING["bit_depth"]
-    shorter_side_resample: str = LEGACY_PREPROCESSING["shorter_side_resample"]
-    square_resize: str = LEGACY_PREPROCESSING["square_resize"]
-    value_range: str = "decode_image: float [0, 1], 1×H×W"
-    channels: str = "gray→3 replicated"
-    resize: str = "squash bilinear antialias"
-    normalization: dict[str, list[float]]  # mean/std per replicated channel, inside the model
 
 
 class ModelCard(BaseModel):
@@ -152,8 +126,6 @@ class ModelCard(BaseModel):
     ) -> ModelCard:
         """A card describing ``model``'s architecture and preprocessing (``shorter_side``: of
         the ingested data it was trained on)."""
-        from .preprocess import describe
-
         mean, std = model.normalization
         return cls(
             backbone=model.backbone_name,

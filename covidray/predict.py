@@ -496,10 +496,6 @@ class Predictor:
             raise ValueError("no images to predict")
         return BatchPrediction.concat(parts)
 
-    def predict_one(self, image: torch.Tensor | np.ndarray, with_cam: bool = True) -> Prediction:
-        """One ``1×H×W`` (or ``H×W``) image."""
-        return self.predict([image], with_cam=with_cam)[0]
-
     def _result(
         self,
         probs: torch.Tensor,

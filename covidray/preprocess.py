@@ -10,52 +10,25 @@ Training and ``evaluate`` read ingest's output, for which step 2 changes nothing
 score`` on raw files and the HTTP endpoint run all three steps on the original bytes
 (:func:`prepare_bytes`), so a full-resolution or 16-bit film gets the pixels it would have had
 through ingest. The parameters go into the model card from the constants used here
-(:func:`describe`), and :func:`check_card` refuses a card whose recorded methods this code does
-not apply.
+(:mod:`covidray.prepcard`), and :func:`check_card` refuses a card whose recorded methods this
+code does not apply.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import prepcard
 from .codec import u8_to_unit, unit_to_u8, unit_to_u8_tensor
 from .decode import DEFAULT_MAX_PIXELS, decode_array
+from .prepcard import Preprocessing
+from .prepcard import check_card as check_card  # callers check a card where they prepare
 
-if TYPE_CHECKING:
-    from .modeldir import Preprocessing
-
+SHORTER_SIDE_RESAMPLE = Image.Resampling[prepcard.SHORTER_SIDE_RESAMPLE.upper()]
 DEFAULT_SIZE = 224
-SHORTER_SIDE_RESAMPLE = Image.Resampling.LANCZOS
-SQUARE_MODE = "bilinear"
-SQUARE_ANTIALIAS = True
-BIT_DEPTH = 8  # of the stored film and of the model input cache (uint8)
-
-
-def describe(shorter_side: int) -> dict[str, Any]:
-    """This code's preprocessing parameters, as a model card records them."""
-    return {
-        "shorter_side": shorter_side,
-        "bit_depth": BIT_DEPTH,
-        "shorter_side_resample": SHORTER_SIDE_RESAMPLE.name.lower(),
-        "square_resize": SQUARE_MODE + ("+antialias" if SQUARE_ANTIALIAS else ""),
-    }
-
-
-def check_card(prep: Preprocessing) -> None:
-    """Refuse a card whose recorded methods differ from what this code applies."""
-    ours = describe(prep.shorter_side)
-    theirs = {k: getattr(prep, k) for k in ours}
-    if theirs != ours:
-        diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
-        raise ValueError(
-            f"the model was trained with other preprocessing than this code applies "
-            f"(card, code): {diff}"
-        )
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -75,7 +48,11 @@ def to_model_input(image: torch.Tensor, size: int = DEFAULT_SIZE) -> torch.Tenso
     x = x.float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(
-            x, size=(size, size), mode=SQUARE_MODE, align_corners=False, antialias=SQUARE_ANTIALIAS
+            x,
+            size=(size, size),
+            mode=prepcard.SQUARE_MODE,
+            align_corners=False,
+            antialias=prepcard.SQUARE_ANTIALIAS,
         )
         x = x.clamp_(0.0, 1.0)
     return x if batched else x.squeeze(0)

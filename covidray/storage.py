@@ -125,13 +125,6 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def resolve(base: str, uri: str) -> str:
-    """Resolve ``uri`` (absolute, or relative to the folder ``base``) to a full URI."""
-    if "://" in uri or os.path.isabs(uri):
-        return uri
-    return join(base, uri)
-
-
 def parent(uri: str) -> str:
     if scheme(uri) == "s3":
         return posixpath.dirname(uri.rstrip("/"))
@@ -319,12 +312,6 @@ def walk_files(uri: str) -> list[str]:
         raise FileNotFoundError(f"not a folder: {uri}")
     found = fs.find(path)
     return sorted(to_uri(p, uri) for p in found if not posixpath.basename(p).startswith("."))
-
-
-def remove(uri: str, recursive: bool = False) -> None:
-    fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
 
 
 def read_parquet(uri: str, columns: Iterable[str] | None = None) -> pa.Table:

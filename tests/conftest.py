@@ -24,6 +24,44 @@ os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
 
 SHARED_CXR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
 
+# `make test-fast` runs what needs no Ray cluster, no S3 server and no training. A test is slow
+# when it uses one of these fixtures (directly or through another fixture) ...
+SLOW_FIXTURES = frozenset({"ray_cluster", "s3_server", "s3_bucket"})
+# ... or sits in a module that starts Ray, servers or training runs by itself.
+SLOW_MODULES = frozenset(
+    {
+        "test_bad_inputs",  # ingest through Ray tasks
+        "test_finetune",  # training runs
+        "test_fixed_cam",  # the scoring job
+        "test_gan",  # CycleGAN training on Ray Train
+        "test_gate",  # a model fitted on the shared X-rays, the scoring job
+        "test_localization",  # a CNN trained on phantoms
+        "test_outage",  # a fault proxy in front of the S3 server
+        "test_privacy",  # the scoring job on a local Ray
+        "test_runtime",  # Ray
+        "test_score_job",  # the scoring job
+        "test_serving",  # Ray Serve
+        "test_submit",  # `ray start --head` clusters
+        "test_train",  # Ray Train runs
+        "test_two_nodes",  # a two-node Ray cluster
+    }
+)
+
+
+def _on_s3(item: pytest.Item) -> bool:
+    """A case of a fixture parametrized over storages (``params=["local", "s3"]``) on S3: its
+    fixture asks for the S3 server at run time, so ``fixturenames`` does not show it."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, str) and v == "s3" for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        uses = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & uses or module in SLOW_MODULES or _on_s3(item):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def s3_server():

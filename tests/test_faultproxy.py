@@ -33,26 +33,11 @@ NO_RETRY = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect
 
 
 @pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
+def moto_url(s3_server: str) -> str:
+    """The session's moto server (tests/conftest.py), with this module's bucket."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
-        yield url
-    server.stop()
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
+    return s3_server
 
 
 @pytest.fixture

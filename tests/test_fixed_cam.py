@@ -125,9 +125,11 @@ def _rows(fixed_area: tuple[float, float] | None) -> pd.DataFrame:
 
 
 def test_report_plots_the_fixed_scale_area_and_states_the_caveat(tmp_path: Path) -> None:
+    from scorefiles import to_table
+
     from covidray.report import ReportConfig, build_report
     from covidray.report.progression import timeline_png
-    from covidray.score.results import to_table, write_part
+    from covidray.score.results import write_part
 
     rows = _rows((0.1, 0.6))
     out = str(tmp_path / "scores")

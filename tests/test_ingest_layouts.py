@@ -59,7 +59,7 @@ def test_class_folders_with_subtypes_and_duplicates(tmp_path: Path) -> None:
             "PNEUMONIA/person7_virus_2.jpeg": _jpeg(5),
             "normal/d.png": _png(6),
             "normal/copy-of-d.png": _png(6),  # identical bytes: dropped and reported
-            "README.txt": b"not a class folder",
+            "README.pdf": b"%PDF-1.4 not a class folder",
         },
     )
     dest = str(tmp_path / "out")
@@ -75,12 +75,37 @@ def test_class_folders_with_subtypes_and_duplicates(tmp_path: Path) -> None:
         rows["person7_bacteria_1.jpeg"]["patient_id"] == rows["person7_virus_2.jpeg"]["patient_id"]
     )
     reasons = {Path(e["source_uri"]).name: e["reason"] for e in _errors(dest)}
-    assert reasons["README.txt"] == "outside_class_folders"
+    assert reasons["README.pdf"] == "outside_class_folders"
     assert reasons[sorted(["d.png", "copy-of-d.png"])[1]] == "duplicate"
     # stored images: 8-bit grayscale PNG, shorter side 256, found under the manifest's folder
     for row in rows.values():
         img = Image.open(storage.join(dest, row["uri"]))
         assert img.mode == "L" and min(img.size) == 256 == min(row["width"], row["height"])
+
+
+def test_sidecar_files_in_class_folders_are_skipped_not_errors(tmp_path: Path) -> None:
+    """Notes, metadata and OS leftovers beside the images are no input and no error row; a
+    file that claims to be an image but is not still is one."""
+    _write(
+        tmp_path / "src",
+        {
+            "covid/a.png": _png(1),
+            "covid/a.json": b'{"annotator": "r1"}',
+            "covid/notes.TXT": b"referring physician notes",
+            "covid/.DS_Store": b"\x00\x00\x00\x01Bud1",
+            "normal/b.png": _png(2),
+            "normal/Thumbs.db": b"\xd0\xcf\x11\xe0",
+            "normal/labels.csv": b"file,label\nb.png,normal\n",
+            "normal/fake.png": b"<html>not found</html>",
+            "README.md": b"# my dataset",
+        },
+    )
+    dest = str(tmp_path / "out")
+    result = ingest(IngestConfig(src=str(tmp_path / "src"), dest=dest))
+    assert result.layout == "class-folders" and result.n_rows == 2
+    assert {Path(r["source_uri"]).name for r in _rows(dest)} == {"a.png", "b.png"}
+    reasons = {Path(e["source_uri"]).name: e["reason"] for e in _errors(dest)}
+    assert reasons == {"fake.png": "not_an_image"}
 
 
 def test_ieee8023_metadata_layout(tmp_path: Path) -> None:
@@ -226,7 +251,8 @@ def test_dicom_folder_pseudonymizes_and_never_logs_ids(tmp_path: Path, caplog, c
             "a/1.dcm": _dicom_bytes("MRN-0042", 1),
             "a/2.dcm": _dicom_bytes("MRN-0042", 2, monochrome1=True),
             "b/3": _dicom_bytes("MRN-0077", 3),  # no extension, as PACS exports often are
-            "b/notes.txt": b"referring physician notes",
+            "b/notes.txt": b"referring physician notes",  # a sidecar: skipped
+            "b/4.dcm": b"DICM but not really",
         },
     )
     labels = tmp_path / "labels.csv"
@@ -258,7 +284,7 @@ def test_dicom_folder_pseudonymizes_and_never_logs_ids(tmp_path: Path, caplog, c
     assert rows["1.dcm"]["study_date"] == shifted != "2020-03-21"
     assert rows["1.dcm"]["age_group"] == "adult"
     errors = {Path(e["source_uri"]).name: e["reason"] for e in _errors(dest)}
-    assert errors == {"notes.txt": "not_an_image"}
+    assert errors == {"4.dcm": "not_an_image"}
     everything = (
         caplog.text
         + "".join(capsys.readouterr())

@@ -95,8 +95,9 @@ def proxy(s3_server, monkeypatch):
 def test_write_past_its_budget_fails_loudly_and_leaves_nothing(s3_bucket, proxy) -> None:
     from datetime import UTC, datetime
 
+    from scorefiles import to_table as prediction_rows
+
     from covidray.score.results import list_files
-    from covidray.score.results import to_table as prediction_rows
 
     rows = prediction_rows(
         {"image_id": ["a"], "uri": ["u"], "model_version": ["v"], "scored_at": [datetime.now(UTC)]}

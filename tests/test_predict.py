@@ -102,7 +102,7 @@ def test_without_cam_and_explaining_another_class(predictor: Predictor) -> None:
     res = predictor.predict(x, class_idx=0)
     np.testing.assert_array_equal(res.cam_class_idx, [0, 0, 0])
     assert res.labels == plain.labels  # the label stays the prediction
-    assert predictor.predict_one(x[0, 0]).label == plain.labels[0]
+    assert predictor.predict([x[0, 0]])[0].label == plain.labels[0]  # one H×W image
 
 
 def test_flip_tta_averages_logits_then_calibrates(tmp_path) -> None:

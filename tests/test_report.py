@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scorefiles import to_table
 from tinymodels import tiny_lite0
 
 from covidray import storage
 from covidray.cli import main
 from covidray.codec import encode_png
 from covidray.config import IngestConfig
+from covidray.datapaths import resolve_inside
 from covidray.decode import decode_image
 from covidray.ingest import ingest
 from covidray.labels import CLASSES
@@ -30,7 +32,7 @@ from covidray.manifest import manifest_base, read_manifest
 from covidray.modeldir import ModelCard, save_model_dir
 from covidray.predict import Predictor
 from covidray.report import ReportConfig, build_report
-from covidray.score.results import to_table, write_part
+from covidray.score.results import write_part
 from covidray.synth import write_phantoms
 
 SIZE = 64
@@ -134,7 +136,7 @@ def phantom_scores(tmp_path_factory) -> dict:
     ingest(IngestConfig(src=str(root / "raw"), dest=ds, size=64))
     manifest = read_manifest(ds).to_pandas()
     rows = manifest[["image_id", "uri", "patient_id", "study_day", "study_date"]].copy()
-    rows["uri"] = [storage.resolve(manifest_base(ds), u) for u in rows["uri"]]
+    rows["uri"] = [resolve_inside(manifest_base(ds), u) for u in rows["uri"]]
     model = tiny_model_dir(str(root / "model"))
     out = str(root / "scores")
     version = write_scores(rows, model, out)

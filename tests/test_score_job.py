@@ -31,6 +31,7 @@ from covidray.manifest import read_manifest
 from covidray.pseudonyms import pseudonymize, shift_date
 from covidray.score import ScoreConfig, read_predictions, run_score
 from covidray.score.results import fresh_listing, list_files
+from covidray.sidecars import is_sidecar
 from covidray.synth import write_phantoms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -183,7 +184,7 @@ def test_incremental_runs_and_new_model_version(dataset_s3: str, s3_bucket: str)
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_odd_and_corrupt_files_become_error_rows(s3_bucket: str) -> None:
-    odd = make_odd_files(seed=0)
+    odd = [f for f in make_odd_files(seed=0) if not is_sidecar(f.name)]  # sidecars: not listed
     bad = [f for f in odd if not f.good]
     assert len(bad) >= 20
     files = {f"odd/{f.name}": f.data for f in odd}
@@ -192,6 +193,8 @@ def test_odd_and_corrupt_files_become_error_rows(s3_bucket: str) -> None:
     ids = {name: sha(data) for name, data in files.items()}
     assert len(set(ids.values())) == len(files)  # all distinct: one row each
     put_files(f"{s3_bucket}/in", files)
+    sidecars = {"odd/notes.txt": b"no row", "good/.DS_Store": b"Bud1", "odd/a.json": b"{}"}
+    put_files(f"{s3_bucket}/in", sidecars)  # listed by no run: n_inputs counts `files` only
     save_tiny_model(f"{s3_bucket}/model", seed=0)
     key = "site-secret"
     out = f"{s3_bucket}/out"

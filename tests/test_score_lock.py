@@ -16,9 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from scorefiles import read_lock
 
 from covidray import storage
-from covidray.score.lock import LOCK_NAME, LockHeld, LockRecord, OutputLock, read_lock
+from covidray.score.lock import LOCK_NAME, LockHeld, LockRecord, OutputLock
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,12 +28,12 @@ import numpy as np
 import pytest
 from nodefiles import WriteWatch, default_places, new_in_default_places
 from raynodes import RayNode, node_env, stop_nodes
+from scorefiles import read_lock
 
 from covidray import storage
 from covidray.cli import main
 from covidray.runtime.config import JobsConfig
 from covidray.runtime.jobs import Jobs
-from covidray.score.lock import read_lock
 
 PROBS = ("prob_covid", "prob_pneumonia", "prob_normal")
 

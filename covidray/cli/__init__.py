@@ -15,7 +15,7 @@ from ..runtime.cluster import LOOPBACK_ENV
 from ..runtime.logs import default_log_path, route_output
 from .errors import exit_code, expected, one_line, root_cause
 from .parser import build_parser
-from .render import console
+from .render import console, width_for
 
 __all__ = ["build_parser", "main"]
 
@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with route_output(path, verbose=args.verbose, on_ray_start=show_path) as routing:
         previous = getattr(console, "_file", None)
         console.file = routing.terminal
+        console.width = width_for(routing.terminal)  # type: ignore[assignment]  # None: auto
         try:
             code = args.func(args)
         except (Exception, KeyboardInterrupt) as err:
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.verbose and not routing.announced and _has_content(path):
                 show_path()
             console.file = previous
+            console.width = None  # type: ignore[assignment]  # back to rich's own choice
     if not args.verbose and not _has_content(path):
         _remove(path)
     return code

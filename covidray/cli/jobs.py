@@ -42,22 +42,17 @@ def check_job_args(command: str, args: Sequence[str]) -> None:
     """Parse ``covidray COMMAND ARGS`` and build its config here, so that a typo fails before
     anything is submitted. A ``--config`` file that exists only on the cluster leaves the
     flags' syntax checked."""
-    from . import build_parser
-    from .data import COMMANDS as DATA
-    from .gan import COMMANDS as GAN
-    from .score import COMMANDS as SCORE
-    from .train import COMMANDS as TRAIN
+    from .commands import job_models, job_parser
 
     try:
-        ns = build_parser().parse_args([command, *args])
+        ns = job_parser().parse_args([command, *args])
     except SystemExit as stop:
         if stop.code:
             raise ValueError(
                 f"the arguments after -- are not those of `covidray {command}`: nothing submitted"
             ) from None
         raise  # --help
-    models = {c.func: c.model for group in (DATA, TRAIN, SCORE, GAN) for c in group}
-    model = models[ns.func]
+    model = job_models()[ns.func]
     config = getattr(ns, "config", None)
     if config and "://" not in config and not _readable(config):
         console.print("[yellow]--config is not readable here: only the flags were checked")

@@ -5,6 +5,7 @@ The library returns pydantic results and plain dicts; everything rich lives here
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
@@ -30,7 +32,32 @@ from ..evaluation.metrics import EvalReport
 from ..labels import CLASSES
 from ..manifest import SPLITS
 
-console = Console(stderr=True)
+# Columns when output is no terminal (CI logs, files, `covidray submit` following a job): wide
+# enough that rich never wraps a line there. On a terminal, the terminal's width.
+NO_WRAP_WIDTH = 10_000
+RULE_WIDTH = 80  # a header rule's width where lines are not wrapped
+
+
+class CliConsole(Console):
+    """rich's Console whose header rules keep 80 columns when lines are not wrapped."""
+
+    def rule(self, title: Any = "", **kwargs: Any) -> None:
+        width = RULE_WIDTH if self.width >= NO_WRAP_WIDTH else None
+        self.print(Rule(title, **kwargs), width=width)
+
+
+console = CliConsole(stderr=True)
+
+
+def width_for(stream: Any) -> int | None:
+    """The console width for ``stream``: None (the terminal's own) on a terminal."""
+    isatty = getattr(stream, "isatty", None)
+    return None if isatty is not None and isatty() else NO_WRAP_WIDTH
+
+
+def stdout_console() -> Console:
+    """A console on standard output (``evaluate``'s report), unwrapped when redirected."""
+    return CliConsole(width=width_for(sys.stdout))
 
 
 @contextmanager

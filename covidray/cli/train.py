@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-
 from ..config import CalibrateConfig
 from ..evaluation.config import EvaluateConfig
 from ..train.config import TrainConfig
@@ -17,6 +15,7 @@ from .render import (
     epoch_printer,
     print_train_reports,
     render_text,
+    stdout_console,
     train_epoch_line,
 )
 
@@ -70,9 +69,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(json.dumps({"models": {u: r.to_json() for u, r in reports.items()}}))
     elif len(reports) == 1:
         ((uri, report),) = reports.items()
-        Console().print(render_text(report, title=f"{uri} on {cfg.data} ({cfg.split})"))
+        stdout_console().print(render_text(report, title=f"{uri} on {cfg.data} ({cfg.split})"))
     else:
-        Console().print(compare_text(reports, title=f"{cfg.data} ({cfg.split})"))
+        stdout_console().print(compare_text(reports, title=f"{cfg.data} ({cfg.split})"))
     return 0
 
 

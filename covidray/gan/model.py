@@ -1,6 +1,6 @@
 """The CycleGAN (Zhu et al. 2017): four networks, their optimizers, schedules, scalers and
 image pools, and one training step; plus the per-epoch sample grid. No Ray here: the Ray Train
-loop (``covidray.gan.train``) and ``time_steps`` drive it.
+loop (``covidray.gan.train``) and ``time_steps`` (``bench/gan_step.py``) drive it.
 """
 
 from __future__ import annotations

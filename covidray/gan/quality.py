@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel
 
 from ..dataset import load_images, load_rows
-from ..labels import CLASSES
+from ..labels import CLASSES, class_index
 from ..predict import predict_probs
 from .config import DomainFilter
 from .data import domain_rows
@@ -121,7 +121,7 @@ def quality_report(
     tta = bool(card.tta_hflip)
     probs_s = predict_probs(model, sets["s"], tta_hflip=tta)
     probs_a = predict_probs(model, sets["a"], tta_hflip=tta)
-    b_index = CLASSES.index(domain_b)
+    b_index = class_index(domain_b)
     pred_s = probs_s.argmax(1)
     return QualityReport(
         model_version=card.model_version,

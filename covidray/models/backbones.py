@@ -278,11 +278,6 @@ class CxrClassifier(nn.Module):
         """Logits ``(B, num_classes)``."""
         return self.head(self.forward_features(x))
 
-    @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities ``(B, num_classes)`` (no grad; mode left as it is)."""
-        return self.forward(x).softmax(dim=-1)
-
     # --- freezing --------------------------------------------------------------------------
     def set_freeze(self, policy: str) -> CxrClassifier:
         """Apply ``"none"`` (all train), ``"backbone"`` (head only) or ``"top:N"`` (top N

@@ -38,7 +38,6 @@ from ..labels import CLASSES
 from ..score.results import read_predictions
 from .config import ReportConfig
 
-PROB_COLUMNS = tuple(f"prob_{c}" for c in CLASSES)
 LOCALISATION_CAVEAT = (
     "The localisation of the shipped backbone has not been validated against lesion masks on "
     "real films: its maps were checked only on synthetic phantoms (the pointing game). Read "

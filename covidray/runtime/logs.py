@@ -16,6 +16,7 @@ The command line decides where the file goes (:func:`default_log_path`) and prin
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -143,11 +144,6 @@ def route_output(
             terminal.close()
 
 
-def active() -> Routing | None:
-    """The routing of the command running in this process, if any."""
-    return _active
-
-
 def announce() -> None:
     """Call the routing's ``on_ray_start`` once (the CLI prints the log file's path)."""
     r = _active
@@ -169,22 +165,29 @@ def ray_started() -> None:
 
 
 def _worker_output_to_stderr() -> None:
-    """Replace Ray's printer of forwarded worker output (stdout lines to ``sys.stdout``, the
-    terminal) with one that writes every line to stderr. Ray private API: if it changes, the
-    worker lines that were printed on stdout stay there, nothing else breaks."""
+    """Send what Ray prints on the driver's stdout (the terminal) to stderr, i.e. the log file:
+    the output of Ray's workers forwarded to the driver (the dispatcher's ``ray_print_logs``
+    handler) and the error messages Ray's listener prints as ``(raylet)`` lines (such as *Task
+    ServeController.graceful_shutdown failed* when ``covidray serve`` stops). Ray private API:
+    if it changes, those lines stay on stdout, nothing else breaks."""
     try:
         from ray._private import worker as ray_worker
 
+        current = ray_worker.print_to_stdstream
+        original = getattr(current, "__wrapped__", current)
+
+        @functools.wraps(original)
+        def to_stderr(data: dict, ignore_prefix: bool) -> None:
+            original({**data, "is_err": True}, ignore_prefix=ignore_prefix)
+
+        ray_worker.print_to_stdstream = to_stderr  # the error listener's printer
         dispatcher = ray_worker.global_worker_stdstream_dispatcher
         if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
-            return  # log_to_driver=False: nothing is forwarded
-        printer = ray_worker.print_to_stdstream
+            return  # log_to_driver=False: no worker output is forwarded
         ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
-
-        def to_stderr(data: dict) -> None:
-            printer({**data, "is_err": True}, ignore_prefix=ignore_prefix)
-
         dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", to_stderr)
+        dispatcher.add_handler(
+            "ray_print_logs", functools.partial(to_stderr, ignore_prefix=ignore_prefix)
+        )
     except Exception:  # pragma: no cover - depends on Ray's internals
         logging.getLogger(__name__).debug("could not reroute Ray worker output", exc_info=True)

@@ -7,9 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import Config, DecodeConfig, PseudonymKey
+from ..sidecars import SIDECAR_SUFFIXES
 
 # Files under an input prefix that are never images (sidecars of a dataset folder).
-DEFAULT_EXCLUDE = (".csv", ".parquet", ".json", ".md", ".yaml", ".yml", ".html")
+DEFAULT_EXCLUDE = SIDECAR_SUFFIXES
 
 
 class ScoreConfig(Config):
@@ -60,7 +61,8 @@ class ScoreConfig(Config):
         None, description="partition date YYYY-MM-DD (default: today, UTC)"
     )
     exclude_suffixes: tuple[str, ...] = Field(
-        DEFAULT_EXCLUDE, description="prefix inputs: skip files ending so (case-insensitive)"
+        DEFAULT_EXCLUDE,
+        description="prefix inputs: skip hidden files and files ending so (case-insensitive)",
     )
     wait_for_workers_s: int = Field(
         900, ge=0, description="wait this long for the actors (model load) before reading"

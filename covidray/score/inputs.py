@@ -15,6 +15,7 @@ import pyarrow as pa
 from .. import storage
 from ..datapaths import OutsideDataset, resolve_inside
 from ..manifest import MANIFEST_NAME, manifest_base, read_manifest
+from ..sidecars import is_sidecar
 from . import results
 from .config import ScoreConfig
 
@@ -98,11 +99,9 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
         raise FileNotFoundError(f"--data is neither a dataset nor a folder: {cfg.data}")
     out_path = storage.filesystem(cfg.out)[1].rstrip("/") + "/"
     found = fs.find(path, detail=True)
-    suffixes = tuple(s.lower() for s in cfg.exclude_suffixes)
     uris, sizes = [], []
     for p in sorted(found):
-        name = p.rsplit("/", 1)[-1]
-        if name.startswith(".") or name.lower().endswith(suffixes) or p.startswith(out_path):
+        if is_sidecar(p, cfg.exclude_suffixes) or p.startswith(out_path):
             continue
         uris.append(storage.to_uri(p, cfg.data))
         sizes.append(found[p].get("size"))

@@ -181,12 +181,6 @@ class OutputLock:
                 log.warning("lock heartbeat failed (%s); retrying", type(err).__name__)
 
 
-def read_lock(out: str) -> LockRecord | None:
-    """The current lock record of ``out`` (None: no lock, or unreadable)."""
-    current = storage.read_versioned(storage.join(out, LOCK_NAME))
-    return None if current is None else _parse(current.data)
-
-
 def _parse(data: bytes) -> LockRecord | None:
     try:
         return LockRecord.model_validate(json.loads(data))

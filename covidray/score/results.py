@@ -16,10 +16,8 @@ after a crash adds only what is missing, and images whose rows say retry are rea
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -37,7 +35,6 @@ PARTITION_KEY = "run_date"
 # are tried again on the next run: unreadable (a storage error, an outage).
 SCORED, OUT_OF_SCOPE, FAILED, RETRY = "scored", "out_of_scope", "failed", "retry"
 DONE = frozenset({SCORED, OUT_OF_SCOPE, FAILED})
-STATUSES = (SCORED, OUT_OF_SCOPE, FAILED, RETRY)
 
 SCHEMA = pa.schema(
     [
@@ -94,34 +91,6 @@ def part_name(keys: Iterable[str], model_version: str) -> str:
 
 def row_key(image_id: str | None, uri: str) -> str:
     return image_id if image_id else f"uri:{uri}"
-
-
-def to_table(columns: Mapping[str, Sequence[Any] | np.ndarray]) -> pa.Table:
-    """Columns (lists or arrays; NaN floats become nulls) → a table with :data:`SCHEMA`."""
-    n = len(columns["uri"])
-    arrays = []
-    for field in SCHEMA:
-        values = columns.get(field.name)
-        if values is None:
-            arrays.append(pa.nulls(n, field.type))
-            continue
-        if pa.types.is_floating(field.type):
-            arr = np.asarray(values, dtype=np.float64)
-            arrays.append(pa.array(arr, type=field.type, mask=np.isnan(arr)))
-        else:
-            vals = values.tolist() if isinstance(values, np.ndarray) else list(values)
-            arrays.append(pa.array([_null(v) for v in vals], type=field.type))
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
-
-
-def _null(value: Any) -> Any:
-    """NaN/NaT/NA (pandas' missing values) → None."""
-    if value is None or isinstance(value, str | bytes):
-        return value
-    try:
-        return None if value != value else value  # NaN and NaT differ from themselves
-    except (TypeError, ValueError):  # pd.NA has no truth value
-        return None
 
 
 def write_part(table: pa.Table, out: str, run_date: str, version: str, retry_s: float = 0.0) -> str:
