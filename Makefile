@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/covidray demo $(if $(DATA),--data $(DATA)) --workdir $(WORKDIR)
 
 test: $(STAMP)
+	@scripts/install_orthanc.sh
 	$(BIN)/python -m pytest -q
 
 # Speed: scoring pipelines and a training epoch, each against a baseline in the same run.

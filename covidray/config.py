@@ -18,6 +18,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from . import storage
+from .pacs.fields import (
+    ArchiveRequests,
+    ArchiveTimeout,
+    CaBundle,
+    Links,
+    Modalities,
+    StudyDate,
+    is_dicomweb,
+    outside,
+)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -92,6 +102,12 @@ class IngestConfig(Config):
         description="with a pseudonym key, keep the source paths (source_uri) and the source's "
         "own extra columns anyway: only for research sets whose file names identify no one",
     )
+    links: Links
+    modality: Modalities
+    study_date: StudyDate
+    ca_bundle: CaBundle
+    archive_requests: ArchiveRequests
+    archive_timeout_s: ArchiveTimeout
 
     @field_validator("layout")
     @classmethod
@@ -106,6 +122,13 @@ class IngestConfig(Config):
     def _distinct(self) -> IngestConfig:
         if self.src.rstrip("/") == self.dest.rstrip("/"):
             raise ValueError("DEST must differ from SRC")
+        if is_dicomweb(self.src):
+            if not self.links:
+                raise ValueError("a DICOMweb source needs --links (the link table's URI)")
+            if not outside(self.links, self.dest):
+                raise ValueError("--links must lie outside DEST: the dataset never holds UIDs")
+        elif self.links:
+            raise ValueError("--links is for a DICOMweb source (dicomweb+https://...)")
         return self
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from . import data, demo, gan, jobs, score, serve, train
+from . import data, demo, gan, jobs, pacs, score, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (data, demo, train, score, serve, jobs):
+    for group in (data, demo, train, score, pacs, serve, jobs):
         for command in group.COMMANDS:
             command.register(sub, [common])
     gan_sub = sub.add_parser("gan", help=gan.GROUP_HELP).add_subparsers(
