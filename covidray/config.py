@@ -83,8 +83,11 @@ class DecodeConfig(Config):
 class IngestConfig(Config):
     """`covidray ingest SRC DEST`."""
 
-    src: str
-    dest: str
+    src: str = Field(
+        description="raw X-ray folder (local or s3://), or a DICOMweb archive "
+        "(dicomweb+https://HOST/PATH: new CR/DX films, incrementally; see docs/pacs.md)"
+    )
+    dest: str = Field(description="dataset folder (local or s3://)")
     size: int = Field(256, ge=16, le=4096, description="shorter side of the stored PNGs")
     layout: str = Field(
         "auto", description="auto, class-folders, manifest, ieee8023, kaggle, dicom"

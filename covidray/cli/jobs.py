@@ -17,7 +17,7 @@ from .flags import Command, config_from_args
 from .render import console, jobs_table
 
 # Config fields that name data locations: a local path there is a path on the cluster's nodes.
-LOCATIONS = ("src", "dest", "data", "out", "model", "augment_with", "scores")
+LOCATIONS = ("src", "dest", "data", "out", "model", "augment_with", "scores", "links")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def check_job_args(command: str, args: Sequence[str]) -> None:
     from . import build_parser
     from .data import COMMANDS as DATA
     from .gan import COMMANDS as GAN
+    from .pacs import COMMANDS as PACS
     from .score import COMMANDS as SCORE
     from .train import COMMANDS as TRAIN
 
@@ -56,7 +57,7 @@ def check_job_args(command: str, args: Sequence[str]) -> None:
                 f"the arguments after -- are not those of `covidray {command}`: nothing submitted"
             ) from None
         raise  # --help
-    models = {c.func: c.model for group in (DATA, TRAIN, SCORE, GAN) for c in group}
+    models = {c.func: c.model for group in (DATA, TRAIN, SCORE, PACS, GAN) for c in group}
     model = models[ns.func]
     config = getattr(ns, "config", None)
     if config and "://" not in config and not _readable(config):
