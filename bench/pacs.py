@@ -9,7 +9,8 @@ random weights at ``--input-size`` scores them on the CPU (one local Ray). Measu
 
 1. each step alone on one set of films: ``pull`` (QIDO + WADO-RS + ingest), ``score``
    (Ray Data job, model load included), ``publish`` (metadata, SR, overlay SC, STOW-RS);
-2. ``nightly``: the three as one run on a second set, under the output's lock;
+2. ``nightly``: the three as one run on a second set (in a second Orthanc), under the
+   output's lock;
 3. where publish's time goes: metadata retrieval, SR build, overlay + SC build, STOW-RS.
 
 Target: publishing adds at most 25 % to the per-film time of pull + score. Prints a table,
@@ -137,6 +138,7 @@ def main() -> int:
     )
     root = Path(tempfile.mkdtemp(prefix="bench-pacs-"))
     orthanc = Orthanc(root / "orthanc").start()
+    second = Orthanc(root / "orthanc-nightly").start()  # the nightly run's own archive
     try:
         ensure_ray(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False)
         model = str(root / "model")
@@ -154,7 +156,7 @@ def main() -> int:
         published, t_publish = timed(publish, pub_cfg)
         parts = breakdown(pub_cfg, n)
 
-        upload(orthanc, films(n, 1000), args.film_size)  # a second set for the nightly run
+        upload(second, films(n, 1000), args.film_size)  # a second set for the nightly run
         b = {k: str(root / "b" / k) for k in ("data", "out")}
         steps: dict[str, float] = {}
         last = [time.perf_counter()]
@@ -165,7 +167,7 @@ def main() -> int:
             last[0] = now
 
         night_cfg = NightlyConfig(
-            source=orthanc.url, data=b["data"], links=str(root / "b-links.parquet"),
+            source=second.url, data=b["data"], links=str(root / "b-links.parquet"),
             model=model, out=b["out"], size=args.ingest_size,
         )  # fmt: skip
         t0 = time.perf_counter()
@@ -173,6 +175,7 @@ def main() -> int:
         night, t_night = timed(run_nightly, night_cfg, on_step)
     finally:
         orthanc.stop()
+        second.stop()
     per = {
         "pull": t_pull / n,
         "score": t_score / n,

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from .. import storage
 from ..config import PSEUDONYM_KEY_ENV, secret_bytes
-from ..datapaths import resolve_inside
+from ..datapaths import OutsideDataset, resolve_inside
 from ..manifest import manifest_base, read_manifest
 from ..score import results
 from ..score.lock import OutputLock
@@ -175,7 +175,17 @@ def film_uris(data: str) -> dict[str, str]:
     """image_id → the dataset's normalised film (absolute URI)."""
     table = read_manifest(data).select(["image_id", "uri"]).to_pylist()
     base = manifest_base(data)
-    return {r["image_id"]: resolve_inside(base, r["uri"]) for r in table}
+    out = {}
+    for r in table:
+        try:
+            out[r["image_id"]] = resolve_inside(base, r["uri"])
+        except OutsideDataset:  # a row pointing outside the dataset: no overlay for it
+            continue
+    return out
+
+
+def _kind(err: BaseException) -> str:
+    return type(err).__name__
 
 
 def publish(cfg: PublishConfig) -> PublishResult:
@@ -211,7 +221,10 @@ def publish_unlocked(cfg: PublishConfig, stop: Stop | None = None) -> PublishRes
             for row in batch:
                 link = links[row["image_id"]]
                 film = films.get(row["image_id"])
-                png = storage.read_bytes(film) if film else None
+                try:
+                    png = storage.read_bytes(film) if film else None
+                except OSError:  # the SR goes anyway; the overlay needs the film
+                    png = None
                 try:
                     made, entry = with_retries(
                         cfg,
@@ -221,6 +234,12 @@ def publish_unlocked(cfg: PublishConfig, stop: Stop | None = None) -> PublishRes
                     )
                 except ArchiveRefused as err:
                     failed["source_not_found" if err.status in (404, 410) else "refused"] += 1
+                    continue
+                except ArchiveUnavailable:
+                    raise
+                except Exception as err:  # this film's objects; its message may quote its tags
+                    log.warning("publish: a film's results could not be built (%s)", _kind(err))
+                    failed[f"build_failed:{_kind(err)}"] += 1
                     continue
                 objects.extend(made)
                 entries.append((entry, [str(o.SOPInstanceUID) for o in made]))
