@@ -42,6 +42,7 @@ def orthanc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(USER_ENV, USER)
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
     monkeypatch.setenv("COVIDRAY_PSEUDONYM_KEY", KEY)
+    monkeypatch.setenv("COVIDRAY_LOG_DIR", str(tmp_path / "logs"))
     yield server
     server.stop()
 
@@ -177,7 +178,7 @@ def assert_private(site: Site, since: float, *texts: str) -> None:
                 blobs.append(json.dumps(table.drop_columns(
                     [c for c in table.column_names if c.startswith("cam_")]).to_pylist(),
                     default=str))  # fmt: skip
-    for log in Path("/tmp/covidray-logs").glob("*.log"):
+    for log in (Path(site.data).parent / "logs").glob("*.log"):
         if log.stat().st_mtime >= since:
             blobs.append(log.read_text(errors="replace"))
     for blob in blobs:
