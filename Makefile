@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 # Everything, against real local parts (Ray, a moto S3 server, helm); the slowest tests listed.
 test: $(STAMP)
+	@scripts/install_orthanc.sh
 	$(BIN)/python -m pytest -q --durations=25
 
 # The inner loop: no Ray cluster, no S3 server, no training (tests/conftest.py marks the rest).

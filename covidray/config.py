@@ -18,6 +18,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from . import storage
+from .pacs.fields import (
+    ArchiveRequests,
+    ArchiveTimeout,
+    CaBundle,
+    Links,
+    Modalities,
+    StudyDate,
+    is_dicomweb,
+    outside,
+)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -77,8 +87,11 @@ LAYOUTS = ("class-folders", "manifest", "ieee8023", "kaggle", "dicom")
 class IngestConfig(Config):
     """`covidray ingest SRC DEST`."""
 
-    src: str
-    dest: str
+    src: str = Field(
+        description="raw X-ray folder (local or s3://), or a DICOMweb archive "
+        "(dicomweb+https://HOST/PATH: new CR/DX films, incrementally; see docs/pacs.md)"
+    )
+    dest: str = Field(description="dataset folder (local or s3://)")
     size: int = Field(256, ge=16, le=4096, description="shorter side of the stored PNGs")
     layout: str = Field(
         "auto", description="auto, class-folders, manifest, ieee8023, kaggle, dicom"
@@ -96,6 +109,12 @@ class IngestConfig(Config):
         description="with a pseudonym key, keep the source paths (source_uri) and the source's "
         "own extra columns anyway: only for research sets whose file names identify no one",
     )
+    links: Links
+    modality: Modalities
+    study_date: StudyDate
+    ca_bundle: CaBundle
+    archive_requests: ArchiveRequests
+    archive_timeout_s: ArchiveTimeout
 
     @field_validator("layout")
     @classmethod
@@ -108,6 +127,13 @@ class IngestConfig(Config):
     def _distinct(self) -> IngestConfig:
         if self.src.rstrip("/") == self.dest.rstrip("/"):
             raise ValueError("DEST must differ from SRC")
+        if is_dicomweb(self.src):
+            if not self.links:
+                raise ValueError("a DICOMweb source needs --links (the link table's URI)")
+            if not outside(self.links, self.dest):
+                raise ValueError("--links must lie outside DEST: the dataset never holds UIDs")
+        elif self.links:
+            raise ValueError("--links is for a DICOMweb source (dicomweb+https://...)")
         return self
 
 

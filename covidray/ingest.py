@@ -57,6 +57,9 @@ class IngestResult(BaseModel):
     n_duplicates: int
     counts: dict[str, dict[str, int]]  # label → split → images
     error_reasons: dict[str, int]
+    n_skipped: int = 0  # DICOMweb: instances the dataset held already (not retrieved again)
+    n_retry: int = 0  # DICOMweb: of the errors, retrievals tried again by the next pull
+    not_retrieved: dict[str, int] = {}  # DICOMweb: other objects (SR, SC, CT...) by modality
 
 
 class Rejected(Exception):
@@ -77,13 +80,28 @@ def _ingest_one(
     item: SourceItem, dest: str, cfg: IngestConfig, key: bytes | None
 ) -> dict[str, Any]:
     """Read, decode, normalize and store one file: ``{"row": ...}`` or ``{"error": ...}``."""
-    image_id = None
     try:
         check_row({**item.meta, **item.extras}, item.extras)  # before any byte is read
         if storage.size(item.uri) > cfg.decode.max_bytes:
             raise Rejected("too_large", f"file larger than {cfg.decode.max_bytes} bytes")
         data = storage.read_bytes(item.uri)
-        image_id = hashlib.sha256(data).hexdigest()
+    except Exception as err:
+        return failure_record(item, err, None, key)
+    return ingest_bytes(item, data, hashlib.sha256(data).hexdigest(), dest, cfg, key)
+
+
+def ingest_bytes(
+    item: SourceItem,
+    data: bytes,
+    image_id: str,
+    dest: str,
+    cfg: IngestConfig,
+    key: bytes | None,
+) -> dict[str, Any]:
+    """Decode, pseudonymize and store one input's bytes under ``image_id``: ``{"row": ...}``
+    or ``{"error": ...}`` (the one path of every ingested image, from a folder or an
+    archive)."""
+    try:
         image = decode_array(data, max_pixels=cfg.decode.max_pixels)
         meta = dict(item.meta)
         if item.from_dicom and is_dicom(data):
@@ -97,6 +115,8 @@ def _ingest_one(
             meta.update(
                 patient_id=f"dicom:{patient}",
                 view=tags.get("view"),
+                modality=tags.get("modality"),
+                body_part=tags.get("body_part"),
                 age=tags.get("age"),
                 sex=tags.get("sex"),
                 study_date=tags.get("study_date"),
@@ -142,21 +162,30 @@ def _ingest_one(
             )
             row["mask_uri"] = mask_path(image_id)
         return {"row": row}
-    except DecodeError as err:
+    except Exception as err:
+        return failure_record(item, err, image_id, key)
+
+
+def failure_record(
+    item: SourceItem, err: Exception, image_id: str | None, key: bytes | None
+) -> dict[str, Any]:
+    """``{"error": ...}`` for one input that failed with ``err``: its reason code, and a detail
+    without the exception's text when keyed (it can hold paths and names)."""
+    if isinstance(err, DecodeError):
         detail = err.detail if key is None else safe_detail(err, err.reason.value)
         return _error(item, err.reason.value, detail, image_id)
-    except Rejected as err:
+    if isinstance(err, Rejected):
         return _error(item, err.reason, err.detail, image_id)
-    except BadMetadata as err:
+    if isinstance(err, BadMetadata):
         return _error(item, "bad_metadata", str(err), image_id)
-    except storage.TooLarge as err:  # the mask (the image's size was checked above)
+    if isinstance(err, storage.TooLarge):  # the mask (the image's size was checked before)
         return _error(item, "too_large", f"mask: {err}", image_id)
-    except (OSError, ValueError) as err:
+    if isinstance(err, OSError | ValueError):
         # Storage or metadata problems with this one file; never the whole run.
         detail = f"{type(err).__name__}: {err}"[:300] if key is None else type(err).__name__
         return _error(item, "unreadable", detail, image_id)
-    except Exception as err:  # anything else about this one file: its row, not the run's end
-        return _error(item, "failed", type(err).__name__, image_id)
+    # anything else about this one file: its row, not the run's end
+    return _error(item, "failed", type(err).__name__, image_id)
 
 
 def ingest_chunk(
@@ -207,7 +236,14 @@ def stored_splits(manifest_uri: str) -> dict[str, str]:
 
 
 def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
-    """Ingest ``cfg.src`` into ``cfg.dest``; see the module docstring."""
+    """Ingest ``cfg.src`` into ``cfg.dest``; see the module docstring. A DICOMweb source
+    (``dicomweb+https://``) is pulled incrementally (:mod:`covidray.pacs.pull`)."""
+    from .pacs.fields import is_dicomweb
+
+    if is_dicomweb(cfg.src):
+        from .pacs.pull import pull
+
+        return pull(cfg, progress)
     layout: Layout = scan(cfg.src, cfg.layout, cfg.labels)
     key = secret_bytes(cfg.pseudonym_key)
     if key is None and any(item.from_dicom for item in layout.items):

@@ -23,7 +23,9 @@ SCHEMA = pa.schema(
         pa.field("label", pa.string()),  # covid | pneumonia | normal | null (unlabelled)
         pa.field("subtype", pa.string()),  # covid19 | viral | bacterial | unknown | normal
         pa.field("patient_id", pa.string(), nullable=False),
-        pa.field("view", pa.string()),
+        pa.field("view", pa.string()),  # DICOM ViewPosition where the source had one
+        pa.field("modality", pa.string()),  # DICOM Modality (the input gate's metadata layer)
+        pa.field("body_part", pa.string()),  # DICOM BodyPartExamined (likewise)
         pa.field("age_group", pa.string()),  # child | adult | null
         pa.field("age", pa.float32()),
         pa.field("sex", pa.string()),

@@ -250,3 +250,49 @@ def test_keep_source_paths_is_explicit(tmp_path: Path, monkeypatch) -> None:
     manifest = pd.read_parquet(dest / "manifest.parquet")
     assert manifest["source_uri"].str.contains(MARKER).all()  # kept: a research set's choice
     assert not manifest["patient_id"].str.contains(MARKER).any()  # ids are keyed regardless
+
+
+def test_dicomweb_pull_keeps_identifiers_in_the_link_table_only(tmp_path: Path, capsys) -> None:
+    """A DICOMweb pull, error paths included (a malformed instance, a film beyond the size
+    limit, Orthanc killed midway: retry rows, wrong credentials): the markers planted in
+    PatientName, PatientID, AccessionNumber and every UID are in the link table only. (The
+    scoring and publishing outputs are checked the same way in tests/test_pacs.py.)"""
+    from orthanc import PASSWORD, USER, Orthanc, installed
+    from pacs_studies import MARKER as PACS_MARKER
+    from pacs_studies import UID_MARKER, Film, film_dataset, night_one
+
+    if not installed():
+        pytest.skip("Orthanc not installed: run scripts/install_orthanc.sh (make test)")
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("COVIDRAY_DICOMWEB_USER", USER)
+    patch.setenv("COVIDRAY_DICOMWEB_PASSWORD", PASSWORD)
+    patch.setenv("COVIDRAY_PSEUDONYM_KEY", KEY)
+    patch.setenv("COVIDRAY_LOG_DIR", str(tmp_path / "logs"))
+    try:
+        broken = film_dataset(Film(9, 1, "covid", "CR", seed=9))
+        broken.PixelData = broken.PixelData[:100]  # cut short: decodes to an error row
+        big = film_dataset(Film(8, 1, "normal", "DX", seed=8), size=160)
+        orthanc.client().store_instances([film_dataset(f) for f in night_one()] + [broken, big])
+        data, links = str(tmp_path / "data"), str(tmp_path / "links.parquet")
+        argv = ["ingest", orthanc.url, data, "--links", links, "--size", "64",
+                "--archive-requests", "1", "--decode-max-pixels", "20000"]  # fmt: skip
+        orthanc.crash_on("GET", "/series/", nth=4)
+        assert main(argv) == 0
+        orthanc.restart()
+        assert main(argv) == 0
+        patch.setenv("COVIDRAY_DICOMWEB_PASSWORD", "wrong")
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+    finally:
+        orthanc.stop()
+        patch.undo()
+    errors = pq.read_table(tmp_path / "data" / "errors.parquet").to_pylist()
+    assert {e["reason"] for e in errors} == {"truncated", "too_large"}
+    texts = [out, err, *(str(p) for p in (tmp_path / "data").rglob("*"))]
+    for path in (tmp_path / "data").rglob("*.parquet"):
+        texts.append(str(pq.read_table(path).to_pylist()))
+    texts += [p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.log")]
+    for marker in (PACS_MARKER, PACS_MARKER[:4], UID_MARKER):
+        assert not any(marker in t for t in texts), marker
+    assert UID_MARKER in str(pq.read_table(links).to_pylist())  # where they belong

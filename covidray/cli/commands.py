@@ -10,9 +10,9 @@ from types import ModuleType
 
 from pydantic import BaseModel
 
-from . import data, gan, score, train
+from . import data, gan, pacs, score, train
 
-JOB_GROUPS = (data, train, score)  # and gan's sub-commands: what a cluster job may run
+JOB_GROUPS = (data, train, score, pacs)  # and gan's sub-commands: what a cluster job may run
 
 
 def new_parser(

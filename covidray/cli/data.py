@@ -54,10 +54,11 @@ COMMANDS = (
         "ingest",
         IngestConfig,
         cmd_ingest,
-        "normalize an X-ray folder (local or s3://) into a dataset",
+        "normalize an X-ray folder (local or s3://), or pull new films from a DICOMweb "
+        "archive (dicomweb+https://HOST/PATH, incremental), into a dataset",
         {
             "positional": "src dest",
-            "main": "size layout labels",
+            "main": "size layout labels links modality study_date ca_bundle",
             "aliases": {"--seed": "split.seed", "--fractions": "split.fractions"},
             "metavars": {"fractions": ("TRAIN", "VAL", "TEST")},
         },

@@ -17,7 +17,7 @@ from .flags import Command, config_from_args
 from .render import console, jobs_table
 
 # Config fields that name data locations: a local path there is a path on the cluster's nodes.
-LOCATIONS = ("src", "dest", "data", "out", "model", "augment_with", "scores")
+LOCATIONS = ("src", "dest", "data", "out", "model", "augment_with", "scores", "links")
 
 
 @dataclass(frozen=True)

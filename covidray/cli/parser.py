@@ -17,6 +17,6 @@ def build_parser() -> argparse.ArgumentParser:
         __version__,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    data, train, score = JOB_GROUPS
-    add_groups(sub, (data, demo, train, score, serve, jobs), common)
+    data, train, score, pacs = JOB_GROUPS
+    add_groups(sub, (data, demo, train, score, pacs, serve, jobs), common)
     return parser

@@ -108,6 +108,12 @@ def print_ingest_result(result: Any) -> None:
         console.print(f"not ingested: {reasons} (see {result.errors_uri})")
     if result.n_duplicates:
         console.print(f"dropped {result.n_duplicates} exact duplicate file(s)")
+    if result.layout == "dicomweb":
+        other = ", ".join(f"{k} {v}" for k, v in sorted(result.not_retrieved.items())) or "none"
+        console.print(
+            f"pulled {result.n_rows} new instance(s), {result.n_skipped} held already, "
+            f"{result.n_retry} to retry next time; other objects not retrieved: {other}"
+        )
     console.print(f"manifest: {result.manifest_uri}")
 
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from .. import storage
 from .config import JobsConfig, SubmitConfig
 
-SUBMITTABLE = ("train", "gan", "score", "evaluate", "ingest")
+SUBMITTABLE = ("train", "gan", "score", "evaluate", "ingest", "publish", "nightly")
 TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 # Gitignore-style patterns, relative to the checkout, that never travel with the job.
 EXCLUDES = (

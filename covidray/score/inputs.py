@@ -27,11 +27,17 @@ ITEM_SCHEMA = pa.schema(
         pa.field("study_day", pa.float32()),
         pa.field("study_date", pa.string()),
         pa.field("size", pa.int64()),
+        # The DICOM header fields a dataset row keeps for the input gate's metadata layer
+        # (ingest stores normalised PNGs, so the gate reads them here, not from the file).
+        pa.field("view", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("body_part", pa.string()),
         pa.field("error", pa.string()),  # set: not to be read (bad_path), a failed row
         pa.field("error_detail", pa.string()),
     ]
 )
 BAD_PATH = "bad_path"
+GATE_COLUMNS = ("view", "modality", "body_part")
 
 
 def is_dataset(uri: str) -> bool:
@@ -87,6 +93,7 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
             ("patient_id", pa.string()),
             ("study_day", pa.float32()),
             ("study_date", pa.string()),
+            *((name, pa.string()) for name in GATE_COLUMNS),
         ):
             values = col(name, typ)
             cols[name] = [values[i] for i in keep]
@@ -114,6 +121,7 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
             "study_day": [None] * n,
             "study_date": [None] * n,
             "size": sizes,
+            **{name: [None] * n for name in GATE_COLUMNS},
             "error": [None] * n,
             "error_detail": [None] * n,
         },

@@ -110,17 +110,22 @@ def run_score(
 ) -> ScoreResult:
     """:func:`_run_score` holding the output's lock (unless ``cfg.lock`` is off)."""
     if not cfg.lock:
-        return _run_score(cfg, on_plan)
-    with OutputLock(cfg.out, stale_after_s=cfg.lock_stale_after_s, wait_s=cfg.lock_wait_s):
-        return _run_score(cfg, on_plan)
+        return score_unlocked(cfg, on_plan)
+    with OutputLock(cfg.out, stale_after_s=cfg.lock_stale_after_s, wait_s=cfg.lock_wait_s) as lock:
+        return score_unlocked(cfg, on_plan, stop=lock.check)
 
 
-def _run_score(
-    cfg: ScoreConfig, on_plan: Callable[[str, int, int], None] | None = None
+def score_unlocked(
+    cfg: ScoreConfig,
+    on_plan: Callable[[str, int, int], None] | None = None,
+    stop: Callable[[], None] | None = None,
 ) -> ScoreResult:
-    """Score ``cfg.data`` with ``cfg.model`` into ``cfg.out`` (see the module docstring).
+    """Score ``cfg.data`` with ``cfg.model`` into ``cfg.out`` (see the module docstring); the
+    caller holds the output's lock (or runs without one).
 
-    ``on_plan(kind, n_to_read, n_skipped)`` is called once the inputs are listed.
+    ``on_plan(kind, n_to_read, n_skipped)`` is called once the inputs are listed; ``stop()``
+    before the first read and after each written batch: it raises when the run must stop
+    writing (its lock was taken over, :class:`.lock.LockLost`).
     """
     import ray
 
@@ -155,6 +160,8 @@ def _run_score(
     )
     if items.num_rows == 0:
         return result.model_copy(update={"wall_s": time.time() - t_start})
+    if stop is not None:
+        stop()
 
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
@@ -227,6 +234,8 @@ def _run_score(
     gated: Counter[str] = Counter()
     first_read, last_write = float("inf"), 0.0
     for summary in ds.iter_rows():
+        if stop is not None:
+            stop()
         for key in ("n_scored", "n_out_of_scope", "n_errors", "n_retry", "n_skipped"):
             counts[key] += int(summary[key])
         counts["n_files"] += bool(summary["file"])

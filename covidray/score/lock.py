@@ -36,6 +36,10 @@ class LockHeld(ValueError):
     """Another run holds the output's lock (a ValueError: the CLI prints it and exits 2)."""
 
 
+class LockLost(ValueError):
+    """Another run took this run's lock over: it stops writing (one line, a non-zero exit)."""
+
+
 class LockRecord(BaseModel):
     """The lock object's content."""
 
@@ -71,6 +75,15 @@ class OutputLock:
         self._version = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def check(self) -> None:
+        """Raise :class:`LockLost` if another run took the lock over: called before each batch
+        a run writes or publishes, so that two runs never both write."""
+        if self.lost:
+            raise LockLost(
+                "another run took this output's lock over (this run's heartbeat was late by "
+                f"more than {self.stale_after_s:.0f} s): stopped before writing more"
+            )
 
     @property
     def held(self) -> bool:
@@ -173,7 +186,7 @@ class OutputLock:
                 self.lost = True
                 log.error(
                     "another run took this output's lock over (this run's heartbeat was late by "
-                    "more than %.0f s); both may now write to it",
+                    "more than %.0f s); this run stops at its next batch",
                     self.stale_after_s,
                 )
                 return

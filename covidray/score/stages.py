@@ -114,7 +114,7 @@ def read_decode(
             continue
         if status[i] != PENDING:
             continue
-        tags = _dicom_tags(data)
+        tags = _dicom_tags(data) or _row_tags(batch, i)
         reason = metadata_reason(tags)
         if reason is not None:  # out of scope before any pixel reaches the model
             status[i], gate_reasons[i] = results.OUT_OF_SCOPE, reason
@@ -169,6 +169,16 @@ def _dicom_tags(data: bytes) -> dict[str, Any]:
         return dicom_tags(data)
     except DecodeError:
         return {}
+
+
+def _row_tags(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """The gate's DICOM fields a dataset row kept from its DICOM header ({} for a prefix input,
+    rows from other formats, whose ``view`` is a layout's, and rows from before)."""
+    from .inputs import GATE_COLUMNS
+
+    if "modality" not in batch or batch["modality"][i] is None:
+        return {}
+    return {k: batch[k][i] for k in GATE_COLUMNS if k in batch and batch[k][i] is not None}
 
 
 class ScoreWorker:
