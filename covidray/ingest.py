@@ -237,13 +237,7 @@ def stored_splits(manifest_uri: str) -> dict[str, str]:
 
 def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
     """Ingest ``cfg.src`` into ``cfg.dest``; see the module docstring. A DICOMweb source
-    (``dicomweb+https://``) is pulled incrementally (:mod:`covidray.pacs.pull`)."""
-    from .pacs.fields import is_dicomweb
-
-    if is_dicomweb(cfg.src):
-        from .pacs.pull import pull
-
-        return pull(cfg, progress)
+    (``dicomweb+https://``) is pulled by :func:`covidray.pacs.pull.pull` instead."""
     layout: Layout = scan(cfg.src, cfg.layout, cfg.labels)
     key = secret_bytes(cfg.pseudonym_key)
     if key is None and any(item.from_dicom for item in layout.items):

@@ -216,13 +216,14 @@ def test_job_scripts_the_chart_runs_exist():
         load_values(CHART / "ci" / "jobs-values.yaml"),
         {"nightly": load_values(CHART / "ci" / "default-values.yaml")["nightly"]},
     )
-    docs = render(values)
+    pacs = load_values(CHART / "ci" / "nightly-pacs-values.yaml")
     scripts = set()
-    for _, spec in rayjob_specs(docs):
-        words = shlex.split(spec["entrypoint"])
-        assert words[0] == "python" and words[1].startswith("/app/jobs/"), words
-        scripts.add(words[1].removeprefix("/app/"))
-    assert scripts == {"jobs/rescore.py", "jobs/train.py", "jobs/train_gan.py"}
+    for docs in (render(values), render(pacs)):
+        for _, spec in rayjob_specs(docs):
+            words = shlex.split(spec["entrypoint"])
+            assert words[0] == "python" and words[1].startswith("/app/jobs/"), words
+            scripts.add(words[1].removeprefix("/app/"))
+    assert scripts == {"jobs/rescore.py", "jobs/train.py", "jobs/train_gan.py", "jobs/nightly.py"}
     for script in scripts:
         assert (ROOT / script).is_file(), script
         assert "__main__" in (ROOT / script).read_text()

@@ -11,8 +11,14 @@ from .render import console, print_ingest_result, progress_bar
 
 
 def run_ingest(cfg: IngestConfig):
-    """Ingest with a progress bar and the summary table."""
-    from ..ingest import ingest
+    """Ingest (a folder or bucket, or incrementally from a DICOMweb archive) with a progress bar
+    and the summary table."""
+    from ..pacs.fields import is_dicomweb
+
+    if is_dicomweb(cfg.src):
+        from ..pacs.pull import pull as ingest
+    else:
+        from ..ingest import ingest
 
     with progress_bar("ingest") as update:
         result = ingest(cfg, progress=update)
