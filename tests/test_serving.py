@@ -50,7 +50,7 @@ def tiny_model_dir(uri: str, seed: int = 0) -> str:
     # Calibrated, and gated with a threshold nothing exceeds (the gate's own tests are
     # elsewhere): every path below must apply both the same way.
     features = np.random.default_rng(seed).normal(size=(64, model.num_features))
-    gate, stats = fit_gate(features, features[:16], np.zeros((16, 3)))
+    gate, stats = fit_gate(features, features[:16])
     card = card.model_copy(
         update={
             "calibration": Calibration(temperature=1.6),
