@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 from raynodes import RayNode, node_env
+from serveproc import covidray_serve
 from tinymodels import png_bytes, save_tiny_model
 
 from covidray.runtime.cluster import free_port
@@ -90,26 +90,10 @@ def test_serve_starts_its_own_ray_beside_an_unrelated_one(machine: Machine, tmp_
     model = tmp_path / "model"
     save_tiny_model(str(model), seed=4)
     port = free_port()
-    argv = ["serve", "--model", str(model), "--port", str(port), "--replicas", "1"]
+    argv = ["--model", str(model), "--port", str(port), "--replicas", "1"]
     argv += ["--threads", "1", "--num-cpus", "0.5", "--max-batch-size", "2"]
     env = {k: v for k, v in machine.env.items() if k != "COVIDRAY_API_TOKEN"}
-    proc = subprocess.Popen(
-        CLI + argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "endpoint ready" in line or proc.poll() is not None:
-                break
-        assert "endpoint ready" in "".join(lines), "".join(lines)[-3000:]
+    with covidray_serve(argv, env):
         r = requests.post(
             f"http://127.0.0.1:{port}/v1/predict",
             data=png_bytes(9),
@@ -118,9 +102,4 @@ def test_serve_starts_its_own_ray_beside_an_unrelated_one(machine: Machine, tmp_
         )
         assert r.status_code == 200, r.text
         machine.untouched()  # while it serves, too
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     machine.untouched()

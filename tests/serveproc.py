@@ -1,0 +1,42 @@
+"""``covidray serve`` as a user runs it: a subprocess in a session of its own, ready once it
+prints "endpoint ready", stopped with Ctrl-C (SIGINT), killed with its session if it hangs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def covidray_serve(args: list[str], env: dict[str, str], ready_s: float = 300) -> Iterator[str]:
+    """Run ``covidray serve ARGS`` and yield what it printed up to "endpoint ready"; on exit
+    send SIGINT and require exit status 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covidray.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + ready_s
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "endpoint ready" in line or proc.poll() is not None:
+                break
+        printed = "".join(lines)
+        assert "endpoint ready" in printed, printed[-3000:]
+        yield printed
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
