@@ -5,7 +5,11 @@ and by class and source (refusals that fall on sick patients or on one hospital 
 and AUROC / rejection rate per kind of out-of-scope image (the same kinds as bench/trust.py).
 
     .venv/bin/python bench/gate_layers.py --model RUN/model --data DS \
-        [--combo features.blocks.2,features.blocks.3,features.blocks.4]
+        [--combo features.blocks.2,features.blocks.3,features.blocks.4] [--only pool] [--energy]
+
+``--energy`` also measures the energy score of the logits as a gate layer: alone (its
+threshold at the same validation rejection) and beside each candidate (either refuses; each
+threshold at half the rejection, so that the pair refuses at most as many validation films).
 
 ``DS`` is the ingested ``../shared/data/cxr`` the model was trained on. Candidates: ``pool``
 (the head's input, the default) and each stage of the trunk. One forward pass per image for
@@ -29,7 +33,7 @@ from covidray.dataset import load_images, load_rows  # noqa: E402
 from covidray.evaluation.evaluate import select_split  # noqa: E402
 from covidray.evaluation.gate_eval import model_inputs, out_of_scope_sets  # noqa: E402
 from covidray.evaluation.intervals import auroc, wilson  # noqa: E402
-from covidray.gate import FEATURE_LAYER, fit_gate  # noqa: E402
+from covidray.gate import FEATURE_LAYER, VAL_REJECTION, energy, fit_gate, threshold_at  # noqa: E402
 from covidray.modeldir import load_model_dir  # noqa: E402
 from covidray.predict import Predictor, trunk_stages  # noqa: E402
 from covidray.storage import read_bytes  # noqa: E402
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="the ingested dataset (test split: in scope)")
     ap.add_argument("--ood", type=Path, default=REPO.parent / "shared" / "data" / "ood")
     ap.add_argument("--combo", action="append", default=[], help="comma-separated layers")
+    ap.add_argument("--only", action="append", default=[], help="only these candidates")
+    ap.add_argument("--energy", action="store_true", help="the energy score as a layer too")
     args = ap.parse_args(argv)
 
     model, card = load_model_dir(args.model)
@@ -55,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     prep = card.preprocessing
 
     candidates = [(n,) for n in layers] + [tuple(c.split(",")) for c in args.combo]
+    if args.only:
+        candidates = [c for c in candidates if "+".join(c) in args.only]
     unknown = sorted({n for cand in candidates for n in cand} - set(layers))
     if unknown:
         raise SystemExit(f"unknown layer(s) {unknown}; candidates: {', '.join(layers)}")
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             return np.concatenate([f[:, cols[n]] for n in cand], axis=1)
 
         sizes = tuple(dims[layers.index(n)] for n in cand)
-        gate, stats = fit_gate(pick(train[0]), pick(val[0]), val[1], layers=cand, dims=sizes)
+        gate, stats = fit_gate(pick(train[0]), pick(val[0]), layers=cand, dims=sizes)
 
         def score(f: np.ndarray, gate=gate, stats=stats, pick=pick) -> np.ndarray:
             return gate.score(stats.distances(pick(f)))
@@ -116,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             "false_rejections_by": by,
             "kinds": per_kind,
         }
+        if args.energy:
+            results.update(with_energy(name, score, val, test, ood, score(val[0])))
         lat = per_kind.get("lateral", {})
         print(
             f"{name:<40} FRR {refused.mean():.3f}  "
@@ -127,6 +137,53 @@ def main(argv: list[str] | None = None) -> int:
     print("(per kind: AUROC / share refused at the threshold)")
     print("RESULT " + json.dumps({"model": card.model_version, "layers": results}))
     return 0
+
+
+def with_energy(
+    name: str,
+    score: object,
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    ood: dict[str, tuple[np.ndarray, np.ndarray]],
+    val_scores: np.ndarray,
+) -> dict[str, dict]:
+    """The energy score alone (threshold at the validation rejection) and beside the layer
+    ``name`` (either refuses, each threshold at half of it): false rejections on test, the
+    validation films refused, and per kind AUROC (energy alone) and share refused."""
+    out = {}
+    e_val, e_test = energy(val[1]), energy(test[1])
+    e_thr = threshold_at(e_val, VAL_REJECTION)
+    half = VAL_REJECTION / 2
+    m_thr, e_half = threshold_at(val_scores, half), threshold_at(e_val, half)
+    m_test = score(test[0])  # type: ignore[operator]
+    for label, refuse in (
+        ("energy", lambda m, e: e > e_thr),
+        (f"{name} | energy", lambda m, e: (m > m_thr) | (e > e_half)),
+    ):
+        refused = refuse(m_test, e_test)
+        val_refused = float(refuse(val_scores, e_val).mean())
+        kinds = {}
+        for kind, (f, logits) in ood.items():
+            e = energy(logits)
+            kinds[kind] = {
+                "auroc": auroc(e_test, e) if label == "energy" else None,
+                "rejected": float(refuse(score(f), e).mean()),  # type: ignore[operator]
+            }
+        out[label] = {
+            "false_rejection_rate": float(refused.mean()),
+            "false_rejection_interval": wilson(int(refused.sum()), len(refused)),
+            "val_rejection": val_refused,
+            "kinds": kinds,
+        }
+        print(
+            f"{label:<40} FRR {refused.mean():.3f} (val {val_refused:.3f})  | "
+            + " ".join(
+                f"{k[:8]} {v['auroc'] if v['auroc'] is not None else float('nan'):.3f}/"
+                f"{v['rejected']:.2f}"
+                for k, v in kinds.items()
+            )
+        )
+    return out
 
 
 if __name__ == "__main__":

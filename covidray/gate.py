@@ -15,8 +15,11 @@ Two layers, reported on every prediction as ``in_scope``, ``gate_reason`` and ``
   multi-layer score, without their tuning on outliers). Middle layers catch lateral films far
   better but refuse many more heterogeneous in-scope films, most of them COVID and pneumonia
   cases (``bench/gate_layers.py``), so they are a site's choice (``covidray calibrate
-  --gate-layer``), not the default. The energy score of the logits is computed alongside, for
-  comparison only. Statistics live in ``gate.safetensors`` in the model directory.
+  --gate-layer``), not the default. The energy score of the logits (:func:`energy`) is no
+  layer: measured beside the distance (``bench/trust.py``, ``bench/gate_layers.py --energy``)
+  it separated every out-of-scope kind worse and, as a second layer at the same validation
+  rejection, refused nothing the distance let through; its threshold is no longer stored.
+  Statistics live in ``gate.safetensors`` in the model directory.
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ class Gate(BaseModel):
     # the standardised distances. None (cards with one layer, before this): the raw distance.
     layer_scale: tuple[tuple[float, float], ...] | None = None
     threshold: float  # ood_score above this: out of scope
-    energy_threshold: float  # the energy score's threshold at the same val rejection
     shrinkage: tuple[float, ...]  # Ledoit-Wolf's, per layer
     dims: tuple[int, ...]  # channels per layer
     fitted_on: str  # e.g. "train (494 images); threshold on val (107)"
@@ -62,7 +64,11 @@ class Gate(BaseModel):
     @classmethod
     def _one_layer_cards(cls, data: Any) -> Any:
         """Cards from before several layers: ``feature_layer``, ``dim`` and one shrinkage;
-        the combined energy score they may record is no longer used."""
+        the combined energy score they may record is no longer used. Cards from before this
+        release record an ``energy_threshold`` that no layer used (``bench/gate_layers.py
+        --energy``): dropped."""
+        if isinstance(data, dict) and "energy_threshold" in data:
+            data = {k: v for k, v in data.items() if k != "energy_threshold"}
         if isinstance(data, dict) and "feature_layer" in data:
             data = dict(data)
             data["feature_layers"] = (data.pop("feature_layer"),)
@@ -191,7 +197,6 @@ def threshold_at(scores: np.ndarray, rejection: float) -> float:
 def fit_gate(
     train_features: np.ndarray,
     val_features: np.ndarray,
-    val_logits: np.ndarray,
     *,
     layers: tuple[str, ...] = (FEATURE_LAYER,),
     dims: tuple[int, ...] | None = None,
@@ -204,13 +209,12 @@ def fit_gate(
     if len(dims) != len(layers):
         raise ValueError(f"{len(layers)} layers but {len(dims)} feature blocks")
     stats, shrinkage = GateStats.fit(train_features, dims)
-    distances, val_energy = stats.distances(val_features), energy(val_logits)
+    distances = stats.distances(val_features)
     scale = tuple((float(c.mean()), float(c.std())) for c in distances.T)
     gate = Gate(
         feature_layers=layers,
         layer_scale=scale,
         threshold=0.0,
-        energy_threshold=threshold_at(val_energy, rejection),
         shrinkage=tuple(shrinkage),
         dims=dims,
         fitted_on=f"train ({len(train_features)} images); threshold on val ({len(val_features)})",

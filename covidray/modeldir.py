@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__, storage
 from .calibration import UNCALIBRATED, Calibration
+from .drift import OutputMix
 from .gate import Gate
 from .labels import CLASSES
 from .prepcard import LEGACY_PREPROCESSING, Preprocessing, describe
@@ -90,6 +91,9 @@ class ModelCard(BaseModel):
     gate: Gate | None = None  # the input gate's image layer; None: not fitted
     # Fixed Grad-CAM scale of the COVID class (99th pct of its raw maps on val); None: unfitted
     cam_covid_scale: float | None = None
+    # What the shipped Predictor answers on the validation split (refusals by reason, class
+    # mix): the nightly job's drift reference. Changes no output: not in scoring_version.
+    drift_reference: OutputMix | None = None
     lineage: list[dict[str, Any]] = Field(default_factory=list)  # parent models, nearest first
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     code_version: str = Field(default_factory=lambda: code_version())
@@ -202,7 +206,8 @@ def save_model_dir(
     """Write a model directory at ``uri``; returns the card as saved (with model_version).
 
     ``reports`` (split -> EvalReport) go into metrics.json, per_class.md, confusion.png (test,
-    else val) and the card's ``metrics``; ``gate_stats`` (``GateStats.to_bytes()``, with
+    else val) and the card's ``metrics``, the val report's answers into ``drift_reference``;
+    ``gate_stats`` (``GateStats.to_bytes()``, with
     ``card.gate`` set) into gate.safetensors, its digest into the card.
     """
     data = weights_bytes(model)
@@ -216,6 +221,9 @@ def save_model_dir(
         "weights_sha256": digest,
         "metrics": metrics,
     }
+    val = reports.get("val")
+    if val is not None and val.outputs is not None and val.outputs.answers is not None:
+        update["drift_reference"] = val.outputs.answers.model_copy(update={"split": "val"})
     if gate_stats is not None:
         if card.gate is None:
             raise ValueError("gate statistics without a gate in the card")

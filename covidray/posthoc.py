@@ -73,7 +73,6 @@ def fit_outputs(
     gate, stats = fit_gate(
         train.features,
         val.features,
-        val.logits,
         layers=layers,
         dims=train.feature_dims,
     )

@@ -88,9 +88,6 @@ class CxrModel:
         size = self.predictor.input_size
         # Warm-up: one full batch, so the first request does not pay the kernels' set-up.
         self.predictor.predict(np.zeros((cfg.max_batch_size, 1, size, size), np.uint8))
-        self.predictions = metrics.Counter(
-            "covidray_predictions", "Images scored, by predicted class.", tag_keys=("label",)
-        )
         self.model_ms = metrics.Histogram(
             "covidray_model_time_ms",
             "Model time per batch (forward pass and Grad-CAM), ms.",
@@ -121,7 +118,6 @@ class CxrModel:
         self.model_ms.observe(model_ms)
         out = []
         for i, item in enumerate(items):
-            self.predictions.inc(tags={"label": res.labels[i] or "out_of_scope"})
             out.append(
                 {
                     "probs": res.probs[i].tolist(),
@@ -322,6 +318,14 @@ class Ingress:
         self.decode_errors = metrics.Counter(
             "covidray_decode_errors", "Images refused by the decoder, by reason.", ("reason",)
         )
+        # Every answer, here where all of them pass: those the DICOM header refuses never reach
+        # the model deployment.
+        self.predictions = metrics.Counter(
+            "covidray_predictions",
+            "Images answered, by predicted class (label), or label out_of_scope and the input "
+            "gate's reason (reason; none when in scope).",
+            tag_keys=("label", "reason"),
+        )
 
     # --- checks ------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -386,6 +390,19 @@ class Ingress:
         return pixels, (time.perf_counter() - t0) * 1000, None
 
     async def _score(
+        self, request_id: str, data: bytes, cam: CamFormat, class_idx: int | None
+    ) -> Prediction:
+        """One image's answer (a prediction, in scope or not), counted; errors raise."""
+        prediction = await self._answer(request_id, data, cam, class_idx)
+        self.predictions.inc(
+            tags={
+                "label": prediction.label or "out_of_scope",
+                "reason": prediction.gate_reason or "none",
+            }
+        )
+        return prediction
+
+    async def _answer(
         self, request_id: str, data: bytes, cam: CamFormat, class_idx: int | None
     ) -> Prediction:
         pixels, decode_ms, reason = await self._decode(data)

@@ -21,6 +21,10 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("RAY_ADDRESS", None)
 # Every Ray a test starts (the session's, `ray start` nodes) lives on 127.0.0.1 only.
 os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+# On a machine shared with other work, Serve's HTTP proxy can take longer than its 5-s readiness
+# check to start; Serve then kills it three checks later and serve.start fails. Tests give it a
+# minute (every Ray they start inherits this; the product keeps Serve's defaults).
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 SHARED_CXR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
 

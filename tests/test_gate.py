@@ -137,7 +137,7 @@ def test_several_layers_are_standardised_on_val_and_summed() -> None:
     shift in either layer alone raises the score."""
     rng = np.random.default_rng(3)
     train, val = rng.normal(size=(300, 12)), rng.normal(size=(100, 12))
-    gate, stats = fit_gate(train, val, np.zeros((100, 3)), layers=("a", "b"), dims=(4, 8))
+    gate, stats = fit_gate(train, val, layers=("a", "b"), dims=(4, 8))
     assert gate.feature_layers == ("a", "b") and gate.dims == (4, 8) and len(gate.shrinkage) == 2
     dist = stats.distances(val)
     assert dist.shape == (100, 2)
@@ -178,6 +178,7 @@ def test_one_layer_gate_from_before_several_layers_scores_unchanged() -> None:
     }
     gate = Gate.model_validate(old)
     assert gate.feature_layers == ("pool",) and gate.dims == (16,) and gate.layer_scale is None
+    assert "energy_threshold" not in gate.model_dump()  # recorded, never used: dropped
     stats = GateStats.from_bytes(save({"mean": x.mean(0), "precision": np.linalg.inv(cov)}))
     d = x[:7] - x.mean(0)
     expected = np.sqrt(np.einsum("bi,ij,bj->b", d, np.linalg.inv(cov), d))
@@ -223,9 +224,7 @@ def test_scoring_version_covers_what_changes_outputs(tmp_path) -> None:
     dims = probe.predict(torch.rand(2, 1, 64, 64), with_cam=False, return_features=True)
     assert probe.feature_layers == model_layers and dims.feature_dims is not None
     feats = np.random.default_rng(0).normal(size=(40, sum(dims.feature_dims)))
-    gate, stats = fit_gate(
-        feats, feats[:10], np.zeros((10, 3)), layers=model_layers, dims=dims.feature_dims
-    )
+    gate, stats = fit_gate(feats, feats[:10], layers=model_layers, dims=dims.feature_dims)
     gated = save_model_dir(
         model,
         base.model_copy(update={"gate": gate}),

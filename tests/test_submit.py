@@ -157,6 +157,18 @@ def test_a_runtime_env_file_with_credentials_is_refused(tmp_path: Path, capfd) -
 # ------------------------------------------------------------------- head without token auth
 
 
+def test_the_given_address_beats_the_environments(head: RayNode, monkeypatch) -> None:
+    """Ray's client prefers RAY_API_SERVER_ADDRESS and RAY_ADDRESS to the address it is given:
+    ``--address`` decides here, and the shell's variables are left as they were."""
+    elsewhere = "http://127.0.0.1:9"  # nothing listens (discard)
+    monkeypatch.setenv("RAY_ADDRESS", elsewhere)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", elsewhere)
+    jobs = _jobs(head)
+    assert jobs.client.get_address() == head.dashboard_url
+    assert isinstance(jobs.list(), list)
+    assert os.environ["RAY_ADDRESS"] == os.environ["RAY_API_SERVER_ADDRESS"] == elsewhere
+
+
 def test_a_typo_fails_before_anything_is_submitted(head: RayNode, capfd) -> None:
     before = len(_jobs(head).list())
     assert _submit(head, "score", "--modle", "s3://m", "--data", "s3://d", "--out", "s3://o") == 2

@@ -353,6 +353,12 @@ def score_table(result: Any) -> Table:
         ("wall time", f"{result.wall_s:.1f} s"),
     ):
         table.add_row(name, str(value))
+    for line in result.drift:  # covidray.drift: this run beside the validation split
+        kind = "refused" if line.kind == "refused" else "class"
+        ref = "–" if line.reference is None else f"{line.reference:.1%}"
+        share = "–" if line.share is None else f"{line.share:.1%}"
+        flag = "  [bold red]shifted[/bold red]" if line.shifted else ""
+        table.add_row(f"{kind}: {escape(line.key)}", f"{share} (validation {ref}){flag}")
     table.add_row("output", predictions_root(result.out))
     return table
 

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from ..dataset import GROUP_COLUMNS, load_images, load_rows
+from ..drift import OutputMix
 from ..predict import Predictor
 from ..preprocess import check_card
 from .config import EVAL_SPLITS
@@ -57,6 +58,7 @@ def output_figures(
         false_rejections_by={}
         if predictor.gate is None
         else _rejections_by(~res.in_scope, labels, predictor.classes, groups),
+        answers=OutputMix.of(res.labels, res.gate_reason),
     )
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from ..drift import OutputMix
 from ..labels import CLASSES
 
 POSITIVE_CLASS = "covid"
@@ -114,6 +115,8 @@ class OutputFigures(BaseModel):
     # The gate's refusals by subgroup: column (label, source, age group, view) -> value ->
     # (refused, films). Refusals that fall on one class or one source are a bias like any other.
     false_rejections_by: dict[str, dict[str, tuple[int, int]]] = {}
+    # The answers: refusals by reason, predicted classes (a model card's drift reference).
+    answers: OutputMix | None = None
 
 
 class EvalReport(BaseModel):

@@ -79,7 +79,7 @@ def configs(cfg: NightlyConfig) -> tuple[IngestConfig, ScoreConfig, PublishConfi
 
 def run_nightly(cfg: NightlyConfig, on_step: Step | None = None) -> NightlyResult:
     """Pull, score and publish (see the module docstring)."""
-    from ..score.job import score_unlocked
+    from ..score.job import record_run, score_unlocked
 
     t0 = time.time()
     ingest_cfg, score_cfg, publish_cfg = configs(cfg)
@@ -90,7 +90,7 @@ def run_nightly(cfg: NightlyConfig, on_step: Step | None = None) -> NightlyResul
         if on_step:
             on_step("pull", pulled)
         lock.check()
-        scored = score_unlocked(score_cfg, stop=lock.check)
+        scored = record_run(score_cfg, score_unlocked(score_cfg, stop=lock.check))
         if on_step:
             on_step("score", scored)
         lock.check()

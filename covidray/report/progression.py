@@ -7,7 +7,9 @@ studies; :mod:`covidray.explain.fixed`), and thumbnails of the heatmap overlays 
 its per-image ``cam_png`` map) next to that fixed-scale map. A cohort section gives the class
 counts, the distribution of the probabilities and the
 flagged studies: maps whose mass sits in the image border ("likely shortcut": markers, text,
-collimation edges; DeGrave et al. 2021) and images that could not be scored.
+collimation edges; DeGrave et al. 2021) and images that could not be scored. A drift section
+shows, run by run (the nightly job's records, ``OUT/runs/``), the share refused by each reason
+and the predicted class mix next to the validation split's (:mod:`covidray.drift`).
 
 Everything is embedded: figures are matplotlib (Agg) PNGs and thumbnails PNGs, both as
 ``data:`` URIs; no script, style sheet or image is fetched from anywhere. Patients appear only
@@ -34,8 +36,9 @@ from pydantic import BaseModel, ConfigDict
 from .. import storage
 from ..config import DecodeConfig
 from ..datapaths import OutsideDataset, resolve_inside
+from ..drift import LABEL
 from ..labels import CLASSES
-from ..score.results import read_predictions
+from ..score.results import read_predictions, read_run_records
 from .config import ReportConfig
 
 LOCALISATION_CAVEAT = (
@@ -327,8 +330,14 @@ figure{margin:0;text-align:center;font-size:.8rem}figure img{border:1px solid #a
 # --------------------------------------------------------------------------------------------
 
 
-def render_report(df: pd.DataFrame, version: str | None, cfg: ReportConfig) -> tuple[str, int, int]:
-    """``(html, n_patients, n_flagged)`` for the rows of one model version."""
+def render_report(
+    df: pd.DataFrame,
+    version: str | None,
+    cfg: ReportConfig,
+    runs: list[dict[str, Any]] | None = None,
+) -> tuple[str, int, int]:
+    """``(html, n_patients, n_flagged)`` for the rows of one model version; ``runs``: the
+    nightly job's records of that version (drift, run by run)."""
     gated = out_of_scope(df)
     scored = df[df["error"].isna() & ~gated]
     errors = df[df["error"].notna()]
@@ -351,6 +360,7 @@ def render_report(df: pd.DataFrame, version: str | None, cfg: ReportConfig) -> t
     ]
     parts.append(_cohort_section(df, scored, errors, flagged, cfg))
     parts.append(_out_of_scope_section(df[gated]))
+    parts.append(_drift_section(runs or []))
     parts.append(f'<section id="patients"><h2>Patients with several studies ({len(patients)})</h2>')
     if not patients:
         parts.append('<p class="note">No patient has two or more studies with a known time.</p>')
@@ -473,6 +483,59 @@ def _out_of_scope_section(gated: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def _drift_section(runs: list[dict[str, Any]]) -> str:
+    """One row per nightly run: its shares refused by reason and its class mix (of the images
+    in scope), and the model card's validation split below; ⚠ where the validation share lies
+    outside the run's Wilson 95 % interval."""
+    out = [
+        f'<section id="drift"><h2>Drift, run by run ({len(runs)})</h2>',
+        '<p class="note">Share of each run\'s images refused by the input gate, per reason, and '
+        "predicted class mix of those in scope, next to the validation split the model was "
+        "calibrated on. ⚠: the validation share lies outside the run's Wilson 95 % interval; "
+        "what arrives no longer looks like what the model was trained on.</p>",
+    ]
+    if not runs:
+        out.append('<p class="note">No run records (outputs written before them).</p>')
+        out.append("</section>")
+        return "\n".join(out)
+    keys = sorted({(d["kind"], d["key"]) for r in runs for d in r["drift"]}, key=lambda k: k)
+    headers = ["run date", "images"] + [
+        f"{'class' if kind == LABEL else 'refused'}: {key}" for kind, key in keys
+    ]
+    rows = []
+    for r in runs:
+        lines = {(d["kind"], d["key"]): d for d in r["drift"]}
+        cells = [
+            _e(r["run_date"]),
+            f'<span class="num">{r["n_scored"] + r["n_out_of_scope"]}</span>',
+        ]
+        for k in keys:
+            d = lines.get(k)
+            share = None if d is None else d["share"]
+            mark = ' <span class="flag">⚠</span>' if d is not None and d["shifted"] else ""
+            cells.append(f"{_pct(share)}{mark}")
+        rows.append(cells)
+    ref = next((r["drift_reference"] for r in reversed(runs) if r.get("drift_reference")), None)
+    if ref is not None:
+        n_in = ref["n"] - sum(ref["refused"].values())
+        cells = [f"<b>validation ({_e(ref.get('split') or 'val')})</b>", str(ref["n"])]
+        for kind, key in keys:
+            if kind == LABEL:
+                cells.append(_pct(ref["labels"].get(key, 0) / n_in if n_in else None))
+            else:
+                cells.append(_pct(ref["refused"].get(key, 0) / ref["n"] if ref["n"] else None))
+        rows.append(cells)
+    else:
+        out.append('<p class="note">The model card has no validation reference.</p>')
+    out.append(_table(headers, rows, "drift"))
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _pct(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.1f} %"
+
+
 def _patient_section(pid: str, rows: pd.DataFrame, cfg: ReportConfig) -> str:
     is_date = not pd.to_numeric(rows["study_day"], errors="coerce").notna().all()
     n_studies = rows["study_key"].nunique()
@@ -516,7 +579,8 @@ def _patient_section(pid: str, rows: pd.DataFrame, cfg: ReportConfig) -> str:
 def build_report(cfg: ReportConfig) -> ReportSummary:
     """Read the predictions, render the report and write it to ``cfg.out``."""
     df, version = load_scores(cfg)
-    text, n_patients, n_flagged = render_report(df, version, cfg)
+    runs = [r for r in read_run_records(cfg.scores) if r.get("model_version") == version]
+    text, n_patients, n_flagged = render_report(df, version, cfg, runs)
     storage.write_text(cfg.out, text)
     return ReportSummary(
         out=cfg.out,

@@ -1,11 +1,12 @@
 """Connecting to Ray and the environment of every process it starts for covidray.
 
 ``ensure_ray`` joins ``RAY_ADDRESS`` when set (a cluster, or the cluster a submitted job runs
-on) and starts a local Ray otherwise. Every task, actor and Train worker gets
-:func:`worker_runtime_env`: the *non-secret* storage settings of this process (endpoint,
-region, profile name; never keys or tokens, which Ray's dashboard and state API would show)
-and the allocator tunables. Credentials reach workers the way they reach any process on the
-node: its own environment, the instance or pod identity, or a mounted file.
+on) and starts a local Ray of its own otherwise: never one it finds on the machine (Ray's
+``ray.init()`` without an address joins the last ``ray start`` it finds there). Every task,
+actor and Train worker gets :func:`worker_runtime_env`: the *non-secret* storage settings of
+this process (endpoint, region, profile name; never keys or tokens, which Ray's dashboard and
+state API would show) and the allocator tunables. Credentials reach workers the way they reach
+any process on the node: its own environment, the instance or pod identity, or a mounted file.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> None:
-    """Initialise Ray once: join ``RAY_ADDRESS`` if set, otherwise start a local cluster.
+    """Initialise Ray once: join ``RAY_ADDRESS`` if set, otherwise start a local cluster of
+    this process's own (``address="local"``: without it Ray joins the cluster whose address the
+    last ``ray start`` on this machine recorded, someone else's).
 
     A local cluster lives on 127.0.0.1 (node address, metrics exporter, dashboard): the
     embedded default serves this machine only. Its dashboard takes a free port, and its
@@ -104,6 +107,7 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> No
         return
     port = free_port()
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -31,10 +31,11 @@ import yaml
 from pydantic import BaseModel
 
 from .. import storage
-from .config import JobsConfig, SubmitConfig
+from .config import ADDRESS_ENV, JobsConfig, SubmitConfig
 
 SUBMITTABLE = ("train", "gan", "score", "evaluate", "ingest", "publish", "nightly")
 TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # Ray's clients prefer it to the address they get
 # Gitignore-style patterns, relative to the checkout, that never travel with the job.
 EXCLUDES = (
     ".git",
@@ -206,6 +207,16 @@ def _cluster_errors(address: str) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _without_env(*names: str) -> Iterator[None]:
+    """These environment variables unset for the duration of the block."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 class Jobs:
     """A cluster's Jobs API, authenticated with :func:`auth_token` when there is one."""
 
@@ -222,7 +233,9 @@ class Jobs:
         # An explicit header: Ray's client adds its own only when this process runs in token
         # mode, which a laptop submitting to a cluster need not.
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        with _cluster_errors(self.address):
+        # Ray's client prefers RAY_API_SERVER_ADDRESS and RAY_ADDRESS to the address it is
+        # given: the given address decides here, whatever this shell's environment says.
+        with _cluster_errors(self.address), _without_env(API_SERVER_ENV, ADDRESS_ENV):
             self.client = JobSubmissionClient(self.address, headers=headers)
 
     def submit(self, job: Submission) -> str:

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from .. import storage
 from ..config import secret_bytes
+from ..drift import DriftLine, OutputMix, compare
 from ..modeldir import WEIGHTS_NAME, _read_verified, read_card
 from ..preprocess import check_card
 from ..runtime.cluster import ensure_ray
@@ -58,6 +59,11 @@ class ScoreResult(BaseModel):
     n_skipped: int  # done already for this scoring version
     error_reasons: dict[str, int]
     gate_reasons: dict[str, int] = {}
+    labels: dict[str, int] = {}  # predicted classes of the images scored in scope
+    # Drift: this run's refusals by reason and class mix next to the model card's validation
+    # split (covidray.drift); None/empty for a card without a reference or a run with no image.
+    drift_reference: OutputMix | None = None
+    drift: list[DriftLine] = []
     n_files: int
     elapsed_s: float  # first image read → last row written
     img_per_s: float  # (n_scored + n_out_of_scope) / elapsed_s
@@ -108,11 +114,59 @@ def plan_actors(
 def run_score(
     cfg: ScoreConfig, on_plan: Callable[[str, int, int], None] | None = None
 ) -> ScoreResult:
-    """:func:`_run_score` holding the output's lock (unless ``cfg.lock`` is off)."""
+    """:func:`score_unlocked` holding the output's lock (unless ``cfg.lock`` is off), then the
+    run's drift against the card's reference, recorded under ``OUT/runs/`` (and exported as Ray
+    metrics when this run used Ray)."""
     if not cfg.lock:
-        return score_unlocked(cfg, on_plan)
+        return record_run(cfg, score_unlocked(cfg, on_plan))
     with OutputLock(cfg.out, stale_after_s=cfg.lock_stale_after_s, wait_s=cfg.lock_wait_s) as lock:
-        return score_unlocked(cfg, on_plan, stop=lock.check)
+        return record_run(cfg, score_unlocked(cfg, on_plan, stop=lock.check))
+
+
+def record_run(cfg: ScoreConfig, result: ScoreResult) -> ScoreResult:
+    """``result`` with its drift lines, written as the run's record; Ray metrics of it."""
+    mix = OutputMix.from_counts(
+        result.n_scored + result.n_out_of_scope, result.gate_reasons, result.labels
+    )
+    if mix.n:
+        result = result.model_copy(update={"drift": compare(mix, result.drift_reference)})
+    # Counts, shares and timings; not where it wrote (a path says nothing about drift).
+    record = result.model_dump(mode="json", exclude={"out"})
+    results.write_run_record(
+        cfg.out, result.run_date, result.scoring_version, record, cfg.write_retry_s
+    )
+    if mix.n:
+        export_drift_metrics(result)
+    return result
+
+
+def export_drift_metrics(result: ScoreResult) -> None:
+    """The run's shares and the reference's as Ray gauges (``covidray_nightly_share``, tags
+    kind=refused|label, key=reason or class, source=run|validation), exported by the node's
+    metrics agent like the endpoint's counters while the run's Ray is up."""
+    import ray
+    from ray.util import metrics
+
+    if not ray.is_initialized():
+        return
+    gauge = metrics.Gauge(
+        "covidray_nightly_share",
+        "Nightly run: share of images refused by the input gate per reason (kind=refused), "
+        "predicted class mix of those in scope (kind=label); source=run or validation.",
+        tag_keys=("kind", "key", "source", "scoring_version"),
+    )
+    for line in result.drift:
+        for source, value in (("run", line.share), ("validation", line.reference)):
+            if value is not None:
+                gauge.set(
+                    value,
+                    tags={
+                        "kind": line.kind,
+                        "key": line.key,
+                        "source": source,
+                        "scoring_version": result.scoring_version,
+                    },
+                )
 
 
 def score_unlocked(
@@ -152,6 +206,7 @@ def score_unlocked(
         n_errors=0,
         n_skipped=n_skipped,
         error_reasons={},
+        drift_reference=card.drift_reference,
         n_files=0,
         elapsed_s=0.0,
         img_per_s=0.0,
@@ -232,6 +287,7 @@ def score_unlocked(
     counts: Counter[str] = Counter(n_skipped=n_skipped)
     reasons: Counter[str] = Counter()
     gated: Counter[str] = Counter()
+    labels: Counter[str] = Counter()
     first_read, last_write = float("inf"), 0.0
     for summary in ds.iter_rows():
         if stop is not None:
@@ -241,6 +297,7 @@ def score_unlocked(
         counts["n_files"] += bool(summary["file"])
         reasons.update(json.loads(summary["reasons"]))
         gated.update(json.loads(summary["gate_reasons"]))
+        labels.update(json.loads(summary["labels"]))
         first_read = min(first_read, float(summary["t_first_read"]))
         last_write = max(last_write, float(summary["t_written"]))
     elapsed = max(last_write - first_read, 1e-9)
@@ -252,6 +309,7 @@ def score_unlocked(
             "n_files": counts["n_files"],
             "error_reasons": dict(reasons),
             "gate_reasons": dict(gated),
+            "labels": dict(labels),
             "elapsed_s": round(elapsed, 3),
             "img_per_s": round(n_scored / elapsed, 2),
             "startup_s": round(max(0.0, first_read - t_start), 3),

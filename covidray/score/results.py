@@ -4,6 +4,7 @@ Layout under the job's output folder ``OUT``::
 
     OUT/predictions/run_date=YYYY-MM-DD/part-<scoring_version>-<digest>.parquet
     OUT/overlays/<image_id>.png                  (only with --overlays)
+    OUT/runs/run_date=YYYY-MM-DD/run-<UTC time>-<scoring_version>.json   (each run's summary)
 
 Each Parquet file holds one batch of rows and is written in one atomic PUT / rename
 (:func:`covidray.storage.write_parquet`), so a reader (or a rerun) only ever sees complete
@@ -16,7 +17,8 @@ after a crash adds only what is missing, and images whose rows say retry are rea
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,6 +28,7 @@ from .. import storage
 from ..labels import CLASSES
 
 PREDICTIONS_DIR = "predictions"
+RUNS_DIR = "runs"  # one JSON record per run: its summary and drift (covidray.drift)
 OVERLAYS_DIR = "overlays"
 PARTITION_KEY = "run_date"
 
@@ -201,3 +204,41 @@ def scored_ids(out: str, scoring_version: str) -> set[str]:
         for i, s, v in zip(ids, statuses, versions, strict=True)
         if i and v == scoring_version and s in DONE
     }
+
+
+def write_run_record(
+    out: str, run_date: str, scoring_version: str, summary: Mapping[str, Any], retry_s: float = 0.0
+) -> str:
+    """Write a run's summary (JSON-able: the job's ScoreResult, less where it wrote) as
+    ``OUT/runs/run_date=D/run-<UTC time>-<scoring_version>.json``, through transient storage
+    errors for ``retry_s`` seconds; returns its URI."""
+    import json
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    uri = storage.join(
+        storage.normalize(out),
+        RUNS_DIR,
+        f"{PARTITION_KEY}={run_date}",
+        f"run-{stamp}-{scoring_version}.json",
+    )
+    data = (json.dumps(dict(summary), indent=1) + "\n").encode()
+    storage.write_bytes(uri, data, retry_s=retry_s)
+    return uri
+
+
+def read_run_records(uri: str) -> list[dict[str, Any]]:
+    """Every run record of the output ``uri`` (``OUT`` or ``OUT/predictions``; none for one
+    .parquet file) as JSON objects, oldest first."""
+    import json
+
+    if uri.endswith(".parquet") and not storage.isdir(uri):
+        return []
+    root = storage.join(storage.parent(predictions_root(uri)), RUNS_DIR)
+    fresh_listing(root)
+    if not storage.exists(root):
+        return []
+    files = sorted(
+        (f for f in storage.walk_files(root) if f.endswith(".json")), key=storage.basename
+    )
+    return [json.loads(storage.read_text(f)) for f in files]

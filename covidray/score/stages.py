@@ -337,6 +337,13 @@ def write_batch(
     counts = Counter(status)
     reasons = Counter(r for r in rows.column("error").to_pylist() if r)
     gated = Counter(r for r in rows.column("gate_reason").to_pylist() if r)
+    labels = Counter(
+        lab
+        for lab, st in zip(
+            rows.column("label").to_pylist(), rows.column("status").to_pylist(), strict=True
+        )
+        if lab and st == results.SCORED
+    )
     uri = ""
     if rows.num_rows:
         if overlays and "pixels" in rows.schema.names:
@@ -355,6 +362,7 @@ def write_batch(
             "n_skipped": [counts[SKIP]],
             "reasons": [json.dumps(dict(reasons))],
             "gate_reasons": [json.dumps(dict(gated))],
+            "labels": [json.dumps(dict(labels))],
             "t_first_read": [float(t_read.min()) if len(t_read) else time.time()],
             "t_written": [time.time()],
         }
