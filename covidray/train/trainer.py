@@ -19,6 +19,7 @@ from .. import storage
 from ..dataset import load_rows, shorter_side, training_data_hash
 from ..evaluation.evaluate import evaluate_rows
 from ..gate import GateStats
+from ..heldout import held_out_sources
 from ..labels import CLASSES
 from ..modeldir import WEIGHTS_NAME, ModelCard, read_card, save_model_dir
 from ..posthoc import fit_outputs
@@ -175,11 +176,19 @@ def finalize_run(
     predictor = Predictor(
         model, fitted.card, device=device, gate_stats=GateStats.from_bytes(fitted.gate_stats)
     )
-    reports = {}
+    reports: dict[str, Any] = {}
+    threshold = None  # the operating point: fitted on val, applied to test
     for split in ("val", "test"):
         split_rows = rows[rows["split"] == split].reset_index(drop=True)
         if not split_rows.empty:
-            reports[split] = evaluate_rows(predictor, split_rows, batch_size=cfg.eval_batch_size)
+            reports[split] = evaluate_rows(
+                predictor,
+                split_rows,
+                batch_size=cfg.eval_batch_size,
+                threshold=threshold,
+                held_out=held_out_sources(cfg.data),
+            )
+            threshold = reports[split].separation.threshold
     model_uri = storage.join(cfg.out, "model")
     card = save_model_dir(
         model,
