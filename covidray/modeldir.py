@@ -87,6 +87,7 @@ class Preprocessing(BaseModel):
     bit_depth: int = LEGACY_PREPROCESSING["bit_depth"]
     shorter_side_resample: str = LEGACY_PREPROCESSING["shorter_side_resample"]
     square_resize: str = LEGACY_PREPROCESSING["square_resize"]
+    contrast: str = "none"  # covidray.preprocess.CONTRAST: normalisation of the model input
     value_range: str = "decode_image: float [0, 1], 1×H×W"
     channels: str = "gray→3 replicated"
     resize: str = "squash bilinear antialias"
@@ -148,6 +149,7 @@ class ModelCard(BaseModel):
         model: CxrClassifier,
         input_size: int,
         shorter_side: int = LEGACY_PREPROCESSING["shorter_side"],
+        contrast: str = "none",
         **fields: Any,
     ) -> ModelCard:
         """A card describing ``model``'s architecture and preprocessing (``shorter_side``: of
@@ -164,7 +166,7 @@ class ModelCard(BaseModel):
             preprocessing=Preprocessing(
                 input_size=input_size,
                 normalization={"mean": list(mean), "std": list(std)},
-                **describe(shorter_side),
+                **describe(shorter_side, contrast),
             ),
             **fields,
         )

@@ -18,6 +18,7 @@ from .evaluation.metrics import EvalReport
 from .gate import FEATURE_LAYER, GateStats, fit_gate
 from .modeldir import ModelCard, load_model_dir, save_model_dir
 from .predict import BatchPrediction, Predictor
+from .preprocess import contrast_method
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,12 @@ def raw_outputs(
     bare = card.model_copy(update={"calibration": None, "gate": None})
     predictor = Predictor(model, bare, device=device, gate_layers=gate_layers)
     prep = card.preprocessing
-    images = load_images(list(rows["uri"]), prep.input_size, shorter_side=prep.shorter_side)
+    images = load_images(
+        list(rows["uri"]),
+        prep.input_size,
+        shorter_side=prep.shorter_side,
+        contrast=contrast_method(prep.contrast),
+    )
     return predictor.predict_many(images, batch_size, with_cam=False, return_features=True)
 
 

@@ -4,7 +4,9 @@
 2. normalize the film as ingest stores it (:func:`normalize_film`): resized so its shorter side
    is the card's ``shorter_side`` (Lanczos, in float), then 8 bits;
 3. the square resize to the model's input size (:func:`model_input_u8`, antialiased
-   bilinear), kept as 8 bits; the model divides by 255 and normalizes (mean/std) inside.
+   bilinear), kept as 8 bits; the model divides by 255 and normalizes (mean/std) inside;
+4. where the card says so, contrast normalisation of that input (:func:`normalize_contrast`:
+   CLAHE or histogram equalisation, kornia's), a recipe option against source shortcuts.
 
 Training and ``evaluate`` read ingest's output, for which step 2 changes nothing; ``covidray
 score`` on raw files and the HTTP endpoint run all three steps on the original bytes
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .codec import u8_to_unit, unit_to_u8, unit_to_u8_tensor
+from .codec import u8_to_unit, u8_to_unit_tensor, unit_to_u8, unit_to_u8_tensor
 from .decode import DEFAULT_MAX_PIXELS, decode_array
 
 if TYPE_CHECKING:
@@ -34,21 +36,42 @@ SHORTER_SIDE_RESAMPLE = Image.Resampling.LANCZOS
 SQUARE_MODE = "bilinear"
 SQUARE_ANTIALIAS = True
 BIT_DEPTH = 8  # of the stored film and of the model input cache (uint8)
+# Contrast normalisation of the model input: TrainConfig.contrast → the card's description.
+CLAHE_CLIP, CLAHE_GRID = 2.0, 8
+CONTRAST: dict[str, str] = {
+    "none": "none",
+    "clahe": f"kornia equalize_clahe clip {CLAHE_CLIP} grid {CLAHE_GRID}x{CLAHE_GRID}",
+    "equalize": "kornia equalize (256 bins)",
+}
 
 
-def describe(shorter_side: int) -> dict[str, Any]:
-    """This code's preprocessing parameters, as a model card records them."""
+def describe(shorter_side: int, contrast: str = "none") -> dict[str, Any]:
+    """This code's preprocessing parameters, as a model card records them (``contrast``: a
+    key of :data:`CONTRAST`)."""
     return {
         "shorter_side": shorter_side,
         "bit_depth": BIT_DEPTH,
         "shorter_side_resample": SHORTER_SIDE_RESAMPLE.name.lower(),
         "square_resize": SQUARE_MODE + ("+antialias" if SQUARE_ANTIALIAS else ""),
+        "contrast": CONTRAST[contrast],
     }
+
+
+def contrast_method(description: str) -> str:
+    """The :data:`CONTRAST` key of a card's contrast description; a ValueError for one this
+    code does not apply (other parameters, a method of a later version)."""
+    for key, text in CONTRAST.items():
+        if text == description:
+            return key
+    raise ValueError(
+        f"the model was trained with a contrast normalisation this code does not apply: "
+        f"{description!r}"
+    )
 
 
 def check_card(prep: Preprocessing) -> None:
     """Refuse a card whose recorded methods differ from what this code applies."""
-    ours = describe(prep.shorter_side)
+    ours = describe(prep.shorter_side, contrast_method(prep.contrast))
     theirs = {k: getattr(prep, k) for k in ours}
     if theirs != ours:
         diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
@@ -92,11 +115,31 @@ def model_input_u8(film: np.ndarray, size: int) -> np.ndarray:
     return unit_to_u8_tensor(x)[0].numpy()
 
 
-def prepare_array(image: np.ndarray, size: int, shorter_side: int | None) -> np.ndarray:
+def normalize_contrast(x: np.ndarray, method: str) -> np.ndarray:
+    """An ``S×S`` uint8 model input with its contrast normalised (``method``: a key of
+    :data:`CONTRAST`; ``none`` returns it as it is)."""
+    if method == "none":
+        return x
+    import kornia.enhance as KE  # only models trained with it pay for the import
+
+    t = u8_to_unit_tensor(torch.from_numpy(np.ascontiguousarray(x)))[None, None]
+    if method == "clahe":
+        out = KE.equalize_clahe(t, clip_limit=CLAHE_CLIP, grid_size=(CLAHE_GRID, CLAHE_GRID))
+    elif method == "equalize":
+        out = KE.equalize(t)
+    else:
+        raise ValueError(f"unknown contrast normalisation {method!r}: choose {list(CONTRAST)}")
+    return unit_to_u8_tensor(out.clamp_(0.0, 1.0))[0, 0].numpy()
+
+
+def prepare_array(
+    image: np.ndarray, size: int, shorter_side: int | None, contrast: str = "none"
+) -> np.ndarray:
     """A decoded float film → the model's ``size×size`` uint8 input; ``shorter_side`` None
-    skips the ingest normalisation (the film is ingest's output already)."""
+    skips the ingest normalisation (the film is ingest's output already); ``contrast``: a key
+    of :data:`CONTRAST` (:func:`contrast_method` of the card's)."""
     film = unit_to_u8(image) if shorter_side is None else normalize_film(image, shorter_side)
-    return model_input_u8(film, size)
+    return normalize_contrast(model_input_u8(film, size), contrast)
 
 
 def prepare_bytes(
@@ -105,4 +148,4 @@ def prepare_bytes(
     """Raw image bytes (any format ``decode`` takes) → the ``S×S`` uint8 input of the model
     whose card says ``prep``. Raises :class:`covidray.decode.DecodeError` for bad bytes."""
     image = decode_array(data, max_pixels=max_pixels)
-    return prepare_array(image, prep.input_size, prep.shorter_side)
+    return prepare_array(image, prep.input_size, prep.shorter_side, contrast_method(prep.contrast))

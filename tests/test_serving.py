@@ -39,14 +39,15 @@ SIDE = 128  # the card's shorter side: the data the model "was trained on" was i
 TOKEN = "t0ken-for-tests"
 
 
-def tiny_model_dir(uri: str, seed: int = 0) -> str:
-    """Lite0 with random weights (head scaled up so the classes differ), flip TTA."""
+def tiny_model_dir(uri: str, seed: int = 0, contrast: str = "none") -> str:
+    """Lite0 with random weights (head scaled up so the classes differ), flip TTA, the
+    ``contrast`` normalisation in its card."""
     torch.manual_seed(seed)
     model = build_model("efficientnet_lite0", weights=None)
     for m in model.head.modules():
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, std=0.5)
-    card = ModelCard.for_model(model, SIZE, SIDE, tta_hflip=True)
+    card = ModelCard.for_model(model, SIZE, SIDE, tta_hflip=True, contrast=contrast)
     # Calibrated, and gated with a threshold nothing exceeds (the gate's own tests are
     # elsewhere): every path below must apply both the same way.
     features = np.random.default_rng(seed).normal(size=(64, model.num_features))
@@ -84,6 +85,11 @@ def model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def clahe_model_dir(tmp_path_factory) -> str:
+    return tiny_model_dir(str(tmp_path_factory.mktemp("serve-clahe")), contrast="clahe")
+
+
+@pytest.fixture(scope="module")
 def films() -> dict[str, tuple[bytes, str]]:
     return full_resolution_films()
 
@@ -99,9 +105,10 @@ APP = {"max_batch_size": 8, "threads": 1, "num_cpus": 0.5, "ingress_num_cpus": 0
 
 
 @pytest.fixture(scope="module")
-def serve_url(ray_cluster, model_dir, token_file):
-    """Three applications on one Serve instance (127.0.0.1): the endpoint with a token, a
-    two-replica one for the replica kill, and a tight one (batch 1, queue 1) for overload."""
+def serve_url(ray_cluster, model_dir, clahe_model_dir, token_file):
+    """Four applications on one Serve instance (127.0.0.1): the endpoint with a token, a
+    two-replica one for the replica kill, a tight one (batch 1, queue 1) for overload and one
+    of a model trained with CLAHE (its card says so)."""
     from ray import serve
 
     from serving.app import build_app
@@ -119,6 +126,7 @@ def serve_url(ray_cluster, model_dir, token_file):
             "max_queued_requests": 1,
             "batch_wait_timeout_s": 0.05,
         },
+        "clahe": {**APP, "model": clahe_model_dir},
     }
     for name, args in apps.items():
         serve.run(build_app(args), name=name, route_prefix=f"/{name}")
@@ -354,9 +362,13 @@ def test_listens_on_loopback_only(serve_url):
 # ------------------------------------------------------------- one preprocessing path
 
 
-def test_endpoint_score_and_evaluate_agree_on_raw_films(serve_url, films, model_dir, tmp_path):
+@pytest.mark.parametrize("app", ["main", "clahe"])
+def test_endpoint_score_and_evaluate_agree_on_raw_films(
+    app, serve_url, films, model_dir, clahe_model_dir, tmp_path
+):
     """Full-resolution phantoms and a 16-bit DICOM: the endpoint, ``covidray score`` on the
-    raw files and ``evaluate`` after ingest give the same probabilities (1e-4)."""
+    raw files and ``evaluate`` after ingest give the same probabilities (1e-4); also for a
+    model whose card asks for CLAHE (the one preprocessing path applies it everywhere)."""
     from covidray.config import IngestConfig
     from covidray.dataset import load_rows
     from covidray.evaluation.evaluate import predict_rows
@@ -374,23 +386,30 @@ def test_endpoint_score_and_evaluate_agree_on_raw_films(serve_url, films, model_
             w.writerow([name, CLASSES[i % 3], f"p:{i}"])
     ids = {hashlib.sha256(d).hexdigest(): n for n, (d, _) in films.items()}
 
-    endpoint = {}
+    endpoint, unequal = {}, []
     for image_id, name in ids.items():
         data, ctype = films[name]
-        r = post(f"{serve_url}/main/v1/predict?cam=none", data, ctype)
+        r = post(f"{serve_url}/{app}/v1/predict?cam=none", data, ctype)
         assert r.status_code == 200, r.text
         endpoint[image_id] = [r.json()["probabilities"][c] for c in CLASSES]
+        if app == "clahe":  # the same weights as main's: CLAHE alone changes the outputs
+            plain = post(f"{serve_url}/main/v1/predict?cam=none", data, ctype).json()
+            unequal.append(
+                abs(plain["probabilities"]["covid"] - r.json()["probabilities"]["covid"])
+            )
 
+    model = model_dir if app == "main" else clahe_model_dir
     out = tmp_path / "scores"
-    run_score(ScoreConfig(model=model_dir, data=str(raw), out=str(out), read_chunk=8))
+    run_score(ScoreConfig(model=model, data=str(raw), out=str(out), read_chunk=8))
     rows = read_predictions(str(out)).to_pylist()
     scored = {r["image_id"]: [r[f"prob_{c}"] for c in CLASSES] for r in rows if r["image_id"]}
     assert scored.keys() == endpoint.keys()
+    assert app == "main" or max(unequal) > 1e-3
 
     ds = tmp_path / "ds"
     ingest(IngestConfig(src=str(raw), dest=str(ds), size=SIDE))
     rows = load_rows(str(ds))
-    res = predict_rows(Predictor.from_dir(model_dir, device="cpu", threads=1), rows)
+    res = predict_rows(Predictor.from_dir(model, device="cpu", threads=1), rows)
     evaluated = dict(zip(rows["image_id"], res.probs.tolist(), strict=True))
     assert evaluated.keys() == endpoint.keys()
     for image_id in endpoint:

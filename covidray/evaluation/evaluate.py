@@ -14,7 +14,7 @@ import torch
 from ..dataset import GROUP_COLUMNS, load_images, load_rows
 from ..heldout import held_out_sources
 from ..predict import Predictor
-from ..preprocess import check_card
+from ..preprocess import check_card, contrast_method
 from .config import EVAL_SPLITS
 from .external import Threshold, fit_threshold, separation_figures
 from .intervals import bootstrap, wilson
@@ -40,7 +40,12 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 
     """The predictor's outputs (calibrated probabilities, raw logits, gate verdicts) for
     ``rows`` (from :func:`load_rows`), decoded once with the card's preprocessing."""
     prep = predictor.card.preprocessing
-    images = load_images(list(rows["uri"]), prep.input_size, shorter_side=prep.shorter_side)
+    images = load_images(
+        list(rows["uri"]),
+        prep.input_size,
+        shorter_side=prep.shorter_side,
+        contrast=contrast_method(prep.contrast),
+    )
     return predictor.predict_many(images, batch_size, with_cam=False)
 
 

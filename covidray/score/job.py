@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from .. import storage
 from ..config import secret_bytes
 from ..modeldir import WEIGHTS_NAME, _read_verified, read_card
-from ..preprocess import check_card
+from ..preprocess import check_card, contrast_method
 from ..runtime.cluster import ensure_ray
 from ..runtime.threads import physical_cores
 from . import results
@@ -168,6 +168,7 @@ def _run_score(
         fn_kwargs={
             "size": size,
             "shorter_side": card.preprocessing.shorter_side,
+            "contrast": contrast_method(card.preprocessing.contrast),
             "done": frozenset(done) if kind == "prefix" else frozenset(),
             "max_bytes": cfg.decode.max_bytes,
             "max_pixels": cfg.decode.max_pixels,

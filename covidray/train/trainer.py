@@ -24,7 +24,7 @@ from ..labels import CLASSES
 from ..modeldir import WEIGHTS_NAME, ModelCard, read_card, save_model_dir
 from ..posthoc import fit_outputs
 from ..predict import Predictor
-from ..preprocess import check_card
+from ..preprocess import check_card, contrast_method
 from ..runtime.cluster import call_on_worker
 from ..runtime.threads import threads_per_worker
 from ..runtime.train import EpochCallback, checkpoint_dir, fit_on_ray, worker_env
@@ -111,6 +111,7 @@ def resolve_parent(cfg: TrainConfig) -> tuple[TrainConfig, ModelCard | None]:
         "head": parent.head,
         "input_size": parent.preprocessing.input_size,
         "tta_hflip": parent.tta_hflip,
+        "contrast": contrast_method(parent.preprocessing.contrast),
         "weights": storage.join(cfg.init_from, WEIGHTS_NAME),
         "weights_sha256": parent.weights_sha256,
     }
@@ -153,6 +154,7 @@ def finalize_run(
         model,
         cfg.input_size,
         shorter_side(rows),
+        contrast=cfg.contrast,
         tta_hflip=cfg.tta_hflip,
         training_data_hash=training_data_hash(rows),
         training={
