@@ -5,23 +5,21 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from covidray.synth import write_phantoms
+from covidray.synth import assign_sources, write_phantoms
 
 
 def two_sources(raw: Path, n_per_class: int = 12) -> None:
-    """Phantoms whose patients alternate between the sources ``site-a`` and ``site-b`` (one in
-    three), every third film of ``site-a`` a child's; one ``site-b`` patient has a film from
-    ``site-a`` too (a patient seen at both)."""
+    """Phantoms whose patients are spread over ``site-b``, ``site-a``, ``site-a`` in turn,
+    every third film of ``site-a`` not COVID-19 a child's; one ``site-b`` patient has a film
+    from ``site-a`` too (a patient seen at both)."""
     write_phantoms(str(raw), n_per_class=n_per_class, seed=0, size=64)
+    site = assign_sources(str(raw), ["site-b", "site-a", "site-a"])
     with open(raw / "manifest.csv") as fh:
         rows = list(csv.DictReader(fh))
-    patients = sorted({r["patient_id"] for r in rows})
-    site = {p: ("site-b" if i % 3 == 0 else "site-a") for i, p in enumerate(patients)}
     for i, r in enumerate(rows):
-        r["source"] = site[r["patient_id"]]
         if r["source"] == "site-a" and r["label"] != "covid" and i % 3 == 1:
             r["age_group"] = "child"
-    shared = next(p for p in patients if site[p] == "site-b")
+    shared = next(p for p in sorted(site) if site[p] == "site-b")
     next(r for r in rows if r["source"] == "site-a")["patient_id"] = shared
     with open(raw / "manifest.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -19,6 +19,7 @@ from covidray.evaluation.evaluate import predict_rows
 from covidray.evaluation.external import (
     covid_auroc,
     fit_threshold,
+    paired_auroc_difference,
     separation_figures,
     specificity_threshold,
 )
@@ -91,6 +92,21 @@ def test_separation_figures_known_case() -> None:
     assert (plus.n_covid, plus.n_adult_non_covid) == (2, 3)
     assert plus.auroc == pytest.approx(5 / 6)
     assert figs.held_out_sources == ["h"]
+    # in distribution: the 4 rows of "o" (child included), right at argmax: 0.2 no, 0.1 and
+    # 0.3 yes (not COVID-19), the child's 0.95 no
+    acc = figs.in_distribution_accuracy
+    assert (acc.k, acc.n) == (2, 4)
+    assert (figs.in_distribution_covid_recall.k, figs.in_distribution_covid_recall.n) == (0, 1)
+
+
+def test_paired_difference() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0], bool)
+    better = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])  # AUROC 1
+    worse = np.array([0.9, 0.2, 0.7, 0.3, 0.8, 0.1])  # 0.9 > 3, 0.7 > 2, 0.2 > 1: 6/9
+    patients = np.arange(6)
+    diff, ci = paired_auroc_difference(better, worse, y, patients)
+    assert diff == pytest.approx(1 - 6 / 9) and ci[0] <= diff <= ci[1]
+    assert paired_auroc_difference(worse, worse, y, patients) == (0.0, (0.0, 0.0))
 
 
 def test_patient_bootstrap_keeps_a_patients_films_together() -> None:

@@ -131,6 +131,27 @@ def _fit_threshold(
     return fit_threshold(np.asarray(probs)[:, covid], labels == covid, adult)
 
 
+def evaluate_val_test(
+    predictor: Predictor,
+    rows: pd.DataFrame,
+    *,
+    batch_size: int = 64,
+    held_out: Sequence[str] = (),
+) -> dict[str, EvalReport]:
+    """:func:`evaluate_rows` on the val and the test rows of ``rows`` (those it has), the
+    operating point fitted on val and applied to test."""
+    reports: dict[str, EvalReport] = {}
+    threshold = None
+    for split in ("val", "test"):
+        part = rows[rows["split"] == split].reset_index(drop=True)
+        if not part.empty:
+            reports[split] = evaluate_rows(
+                predictor, part, batch_size=batch_size, threshold=threshold, held_out=held_out
+            )
+            threshold = reports[split].separation.threshold
+    return reports
+
+
 def val_threshold(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int = 64) -> Threshold:
     """The 90 % specificity operating point on the val rows of ``rows`` (:mod:`.external`)."""
     val = rows[rows["split"] == "val"].reset_index(drop=True)

@@ -73,6 +73,10 @@ class SeparationFigures(BaseModel):
     held_out_sources: list[str] = []
     held_out: Separation | None = None  # the held-out sources' films alone
     held_out_plus: Separation | None = None  # plus the other sources' adult non-COVID films
+    # The other sources' rows of the split (every class and age), at argmax: what a change
+    # costs on the sources the model trained on.
+    in_distribution_accuracy: Rate | None = None
+    in_distribution_covid_recall: Rate | None = None
 
 
 def covid_auroc(scores: np.ndarray, is_covid: np.ndarray) -> float:
@@ -164,12 +168,30 @@ def separation_figures(
         )
 
     held = bool(held_out_sources)
+    inside = ~in_source
+    right = np.asarray(probs).argmax(1) == np.asarray(labels)
     return SeparationFigures(
         threshold=threshold,
         all=figures(kept),
         held_out_sources=sorted(held_out_sources),
         held_out=figures(kept & in_source) if held else None,
         held_out_plus=figures(kept & (in_source | (~is_covid & adult))) if held else None,
+        in_distribution_accuracy=Rate.of(right[inside]) if held else None,
+        in_distribution_covid_recall=Rate.of(called[inside & is_covid]) if held else None,
+    )
+
+
+def paired_auroc_difference(
+    scores: np.ndarray, baseline: np.ndarray, is_covid: np.ndarray, patients: np.ndarray
+) -> tuple[float, Interval | None]:
+    """AUROC of ``scores`` minus that of ``baseline`` on the same films, with the 95 %
+    interval of a paired patient-level bootstrap (both resampled alike)."""
+
+    def diff(a: np.ndarray, b: np.ndarray, y: np.ndarray) -> float:
+        return covid_auroc(a, y) - covid_auroc(b, y)
+
+    return diff(scores, baseline, is_covid), bootstrap(
+        diff, scores, baseline, is_covid, clusters=patients
     )
 
 
@@ -220,5 +242,11 @@ def separation_text(figures: SeparationFigures) -> str:
             f"{_rate(s.covid_recall_at_threshold)} · adult non-COVID called COVID-19 argmax "
             f"{_rate(s.adult_non_covid_called_covid_argmax)}, at the operating point "
             f"{_rate(s.adult_non_covid_called_covid_at_threshold)} · {refused}"
+        )
+    if figures.held_out_sources:
+        lines.append(
+            f"  other sources' films (in distribution): accuracy "
+            f"{_rate(figures.in_distribution_accuracy)} · COVID recall "
+            f"{_rate(figures.in_distribution_covid_recall)}"
         )
     return "\n".join(lines)

@@ -172,9 +172,11 @@ class EvalReport(BaseModel):
             "flagged": list(self.flagged),
             "adult": self.adult.compact() if self.adult is not None else None,
             **(self.outputs.model_dump(mode="json") if self.outputs is not None else {}),
-            "separation": None
-            if self.separation is None
-            else self.separation.model_dump(mode="json"),
+            **(
+                {"separation": self.separation.model_dump(mode="json")}
+                if self.separation is not None
+                else {}
+            ),
         }
 
 

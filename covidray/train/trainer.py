@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from .. import storage
 from ..dataset import load_rows, shorter_side, training_data_hash
-from ..evaluation.evaluate import evaluate_rows
+from ..evaluation.evaluate import evaluate_val_test
 from ..gate import GateStats
 from ..heldout import held_out_sources
 from ..labels import CLASSES
@@ -178,19 +178,9 @@ def finalize_run(
     predictor = Predictor(
         model, fitted.card, device=device, gate_stats=GateStats.from_bytes(fitted.gate_stats)
     )
-    reports: dict[str, Any] = {}
-    threshold = None  # the operating point: fitted on val, applied to test
-    for split in ("val", "test"):
-        split_rows = rows[rows["split"] == split].reset_index(drop=True)
-        if not split_rows.empty:
-            reports[split] = evaluate_rows(
-                predictor,
-                split_rows,
-                batch_size=cfg.eval_batch_size,
-                threshold=threshold,
-                held_out=held_out_sources(cfg.data),
-            )
-            threshold = reports[split].separation.threshold
+    reports = evaluate_val_test(
+        predictor, rows, batch_size=cfg.eval_batch_size, held_out=held_out_sources(cfg.data)
+    )
     model_uri = storage.join(cfg.out, "model")
     card = save_model_dir(
         model,
