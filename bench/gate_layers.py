@@ -36,6 +36,7 @@ from covidray.evaluation.intervals import auroc, wilson  # noqa: E402
 from covidray.gate import FEATURE_LAYER, VAL_REJECTION, energy, fit_gate, threshold_at  # noqa: E402
 from covidray.modeldir import load_model_dir  # noqa: E402
 from covidray.predict import Predictor, trunk_stages  # noqa: E402
+from covidray.preprocess import contrast_method  # noqa: E402
 from covidray.storage import read_bytes  # noqa: E402
 
 
@@ -76,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def of_rows(part: object) -> tuple[np.ndarray, np.ndarray]:
         uris = list(part["uri"])  # type: ignore[index]
-        return features(load_images(uris, prep.input_size, shorter_side=prep.shorter_side))
+        contrast = contrast_method(prep.contrast)
+        return features(
+            load_images(uris, prep.input_size, shorter_side=prep.shorter_side, contrast=contrast)
+        )
 
     train, val, test = (of_rows(split[s]) for s in ("train", "val", "test"))
     films = [read_bytes(u) for u in split["test"]["uri"]]

@@ -66,6 +66,11 @@ class SplitConfig(Config):
     fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     seed: int = 0
     stratify: tuple[str, ...] = ("label", "age_group")
+    test_sources: tuple[str, ...] = Field(
+        (),
+        description="sources held out: every film of these goes to test, the rest is split as "
+        "without them (a new DEST only; see docs/source-study.md)",
+    )
 
     @field_validator("fractions")
     @classmethod

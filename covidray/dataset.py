@@ -135,10 +135,11 @@ def load_images(
     *,
     shorter_side: int | None = None,
     max_bytes: int = DecodeConfig().max_bytes,
+    contrast: str = "none",
 ) -> torch.Tensor:
     """Read and decode each image once: ``N×1×size×size`` uint8 through the one preprocessing
     path (:func:`covidray.preprocess.prepare_array`; ``shorter_side`` None: the files are
-    ingest's output already).
+    ingest's output already; ``contrast``: the model input's contrast normalisation).
 
     Files are fetched ``READ_CHUNK`` at a time with :func:`covidray.storage.read_many`
     (concurrent GETs on S3), each one's size checked before its bytes are fetched; an
@@ -150,7 +151,9 @@ def load_images(
         for i, data in enumerate(blobs, start):
             if isinstance(data, BaseException):
                 raise data
-            out[i, 0] = torch.from_numpy(prepare_array(decode_array(data), size, shorter_side))
+            out[i, 0] = torch.from_numpy(
+                prepare_array(decode_array(data), size, shorter_side, contrast)
+            )
             if progress is not None:
                 progress(i + 1, len(uris))
     return out

@@ -22,6 +22,7 @@ from .codec import FAST_PNG, encode_png, unit_to_u8
 from .config import PSEUDONYM_KEY_ENV, IngestConfig, secret_bytes
 from .decode import DecodeError, decode_array, is_dicom
 from .dicom_meta import dicom_tags
+from .heldout import hold_out, refuse_stored_splits, with_held_out
 from .layouts import Layout, SourceItem, scan
 from .manifest import (
     ERRORS_NAME,
@@ -238,6 +239,7 @@ def stored_splits(manifest_uri: str) -> dict[str, str]:
 def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
     """Ingest ``cfg.src`` into ``cfg.dest``; see the module docstring. A DICOMweb source
     (``dicomweb+https://``) is pulled by :func:`covidray.pacs.pull.pull` instead."""
+    refuse_stored_splits(cfg.dest, cfg.split.test_sources)
     layout: Layout = scan(cfg.src, cfg.layout, cfg.labels)
     key = secret_bytes(cfg.pseudonym_key)
     if key is None and any(item.from_dicom for item in layout.items):
@@ -300,6 +302,12 @@ def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
         cfg.split,
         known=stored_splits(storage.join(cfg.dest, MANIFEST_NAME)),
     )
+    splits = hold_out(
+        splits,
+        [r["patient_id"] for r in rows],
+        [r.get("source") for r in rows],
+        cfg.split.test_sources,
+    )
     for row, split in zip(rows, splits, strict=True):
         row["split"] = split
     rows.sort(key=lambda r: (r.get("label") or "~", r["patient_id"], r["image_id"]))
@@ -308,7 +316,9 @@ def ingest(cfg: IngestConfig, progress: Progress | None = None) -> IngestResult:
     errors_uri = storage.join(cfg.dest, ERRORS_NAME)
     # A source's own extra columns are kept verbatim, so with hidden paths only the layouts'.
     extras = [c for c in layout.extra_columns if not hide or c in LAYOUT_EXTRAS]
-    storage.write_parquet(to_table(rows, extras), manifest_uri)
+    storage.write_parquet(
+        with_held_out(to_table(rows, extras), cfg.split.test_sources), manifest_uri
+    )
     storage.write_parquet(errors_table(errors), errors_uri)
 
     counts: dict[str, dict[str, int]] = {}

@@ -126,6 +126,7 @@ class ModelCard(BaseModel):
         model: CxrClassifier,
         input_size: int,
         shorter_side: int = LEGACY_PREPROCESSING["shorter_side"],
+        contrast: str = "none",
         **fields: Any,
     ) -> ModelCard:
         """A card describing ``model``'s architecture and preprocessing (``shorter_side``: of
@@ -140,7 +141,7 @@ class ModelCard(BaseModel):
             preprocessing=Preprocessing(
                 input_size=input_size,
                 normalization={"mean": list(mean), "std": list(std)},
-                **describe(shorter_side),
+                **describe(shorter_side, contrast),
             ),
             **fields,
         )

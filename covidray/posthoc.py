@@ -18,6 +18,7 @@ from .evaluation.metrics import EvalReport
 from .gate import FEATURE_LAYER, GateStats, fit_gate
 from .modeldir import ModelCard, load_model_dir, save_model_dir
 from .predict import BatchPrediction, Predictor
+from .preprocess import contrast_method
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,12 @@ def raw_outputs(
     bare = card.model_copy(update={"calibration": None, "gate": None})
     predictor = Predictor(model, bare, device=device, gate_layers=gate_layers)
     prep = card.preprocessing
-    images = load_images(list(rows["uri"]), prep.input_size, shorter_side=prep.shorter_side)
+    images = load_images(
+        list(rows["uri"]),
+        prep.input_size,
+        shorter_side=prep.shorter_side,
+        contrast=contrast_method(prep.contrast),
+    )
     return predictor.predict_many(images, batch_size, with_cam=False, return_features=True)
 
 
@@ -104,7 +110,8 @@ def calibrate_model_dir(
     """Fit calibration and gate for an existing model directory on ``data_uri``'s train/val
     splits, evaluate val and test with them, and write the directory to ``out_uri`` (default:
     in place; the weights and ``model_version`` stay, ``scoring_version`` changes)."""
-    from .evaluation.evaluate import evaluate_rows
+    from .evaluation.evaluate import evaluate_val_test
+    from .heldout import held_out_sources
     from .preprocess import check_card
 
     model, card = load_model_dir(model_uri)
@@ -116,11 +123,9 @@ def calibrate_model_dir(
     predictor = Predictor(
         model, fitted.card, device=device, gate_stats=GateStats.from_bytes(fitted.gate_stats)
     )
-    reports = {
-        split: evaluate_rows(predictor, part.reset_index(drop=True), batch_size=batch_size)
-        for split in ("val", "test")
-        if not (part := rows[rows["split"] == split]).empty
-    }
+    reports = evaluate_val_test(
+        predictor, rows, batch_size=batch_size, held_out=held_out_sources(data_uri)
+    )
     saved = save_model_dir(
         model,
         fitted.card,

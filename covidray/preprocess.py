@@ -4,7 +4,9 @@
 2. normalize the film as ingest stores it (:func:`normalize_film`): resized so its shorter side
    is the card's ``shorter_side`` (Lanczos, in float), then 8 bits;
 3. the square resize to the model's input size (:func:`model_input_u8`, antialiased
-   bilinear), kept as 8 bits; the model divides by 255 and normalizes (mean/std) inside.
+   bilinear), kept as 8 bits; the model divides by 255 and normalizes (mean/std) inside;
+4. where the card says so, contrast normalisation of that input (:func:`normalize_contrast`:
+   CLAHE or histogram equalisation, kornia's), a recipe option against source shortcuts.
 
 Training and ``evaluate`` read ingest's output, for which step 2 changes nothing; ``covidray
 score`` on raw files and the HTTP endpoint run all three steps on the original bytes
@@ -22,10 +24,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import prepcard
-from .codec import u8_to_unit, unit_to_u8, unit_to_u8_tensor
+from .codec import u8_to_unit, u8_to_unit_tensor, unit_to_u8, unit_to_u8_tensor
 from .decode import DEFAULT_MAX_PIXELS, decode_array
-from .prepcard import Preprocessing
+from .prepcard import CLAHE_CLIP, CLAHE_GRID, CONTRAST, Preprocessing
 from .prepcard import check_card as check_card  # callers check a card where they prepare
+from .prepcard import contrast_method as contrast_method  # the card's description → method
 
 SHORTER_SIDE_RESAMPLE = Image.Resampling[prepcard.SHORTER_SIDE_RESAMPLE.upper()]
 DEFAULT_SIZE = 224
@@ -69,11 +72,31 @@ def model_input_u8(film: np.ndarray, size: int) -> np.ndarray:
     return unit_to_u8_tensor(x)[0].numpy()
 
 
-def prepare_array(image: np.ndarray, size: int, shorter_side: int | None) -> np.ndarray:
+def normalize_contrast(x: np.ndarray, method: str) -> np.ndarray:
+    """An ``S×S`` uint8 model input with its contrast normalised (``method``: a key of
+    :data:`CONTRAST`; ``none`` returns it as it is)."""
+    if method == "none":
+        return x
+    import kornia.enhance as KE  # only models trained with it pay for the import
+
+    t = u8_to_unit_tensor(torch.from_numpy(np.ascontiguousarray(x)))[None, None]
+    if method == "clahe":
+        out = KE.equalize_clahe(t, clip_limit=CLAHE_CLIP, grid_size=(CLAHE_GRID, CLAHE_GRID))
+    elif method == "equalize":
+        out = KE.equalize(t)
+    else:
+        raise ValueError(f"unknown contrast normalisation {method!r}: choose {list(CONTRAST)}")
+    return unit_to_u8_tensor(out.clamp_(0.0, 1.0))[0, 0].numpy()
+
+
+def prepare_array(
+    image: np.ndarray, size: int, shorter_side: int | None, contrast: str = "none"
+) -> np.ndarray:
     """A decoded float film → the model's ``size×size`` uint8 input; ``shorter_side`` None
-    skips the ingest normalisation (the film is ingest's output already)."""
+    skips the ingest normalisation (the film is ingest's output already); ``contrast``: a key
+    of :data:`CONTRAST` (:func:`contrast_method` of the card's)."""
     film = unit_to_u8(image) if shorter_side is None else normalize_film(image, shorter_side)
-    return model_input_u8(film, size)
+    return normalize_contrast(model_input_u8(film, size), contrast)
 
 
 def prepare_bytes(
@@ -82,4 +105,4 @@ def prepare_bytes(
     """Raw image bytes (any format ``decode`` takes) → the ``S×S`` uint8 input of the model
     whose card says ``prep``. Raises :class:`covidray.decode.DecodeError` for bad bytes."""
     image = decode_array(data, max_pixels=max_pixels)
-    return prepare_array(image, prep.input_size, prep.shorter_side)
+    return prepare_array(image, prep.input_size, prep.shorter_side, contrast_method(prep.contrast))

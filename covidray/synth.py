@@ -43,7 +43,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -675,3 +675,19 @@ def write_phantoms(
     manifest = storage.join(dest, CSV_NAME)
     storage.write_text(manifest, buf.getvalue())
     return manifest
+
+
+def assign_sources(dest: str, sources: Sequence[str]) -> dict[str, str]:
+    """Spread the phantoms of ``dest`` (written by :func:`write_phantoms`) over ``sources``,
+    patient by patient in turn (sorted ids), rewriting its manifest.csv: phantom data for
+    source-held-out splits (``--split-test-sources``). Returns patient id → source."""
+    uri = storage.join(dest, CSV_NAME)
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(uri))))
+    patients = sorted({r["patient_id"] for r in rows})
+    site = {p: sources[i % len(sources)] for i, p in enumerate(patients)}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**r, "source": site[r["patient_id"]]} for r in rows)
+    storage.write_text(uri, buf.getvalue())
+    return site

@@ -37,14 +37,15 @@ SIDE = 128  # the card's shorter side: the data the model "was trained on" was i
 TOKEN = "t0ken-for-tests"
 
 
-def tiny_model_dir(uri: str, seed: int = 0) -> str:
-    """Lite0 with random weights (head scaled up so the classes differ), flip TTA."""
+def tiny_model_dir(uri: str, seed: int = 0, contrast: str = "none", head_std: float = 0.5) -> str:
+    """Lite0 with random weights (head scaled up so the classes differ), flip TTA, the
+    ``contrast`` normalisation in its card."""
     torch.manual_seed(seed)
     model = build_model("efficientnet_lite0", weights=None)
     for m in model.head.modules():
         if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, std=0.5)
-    card = ModelCard.for_model(model, SIZE, SIDE, tta_hflip=True)
+            torch.nn.init.normal_(m.weight, std=head_std)
+    card = ModelCard.for_model(model, SIZE, SIDE, tta_hflip=True, contrast=contrast)
     # Calibrated, and gated with a threshold nothing exceeds (the gate's own tests are
     # elsewhere): every path below must apply both the same way.
     features = np.random.default_rng(seed).normal(size=(64, model.num_features))
@@ -79,6 +80,14 @@ def full_resolution_films() -> dict[str, tuple[bytes, str]]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     return tiny_model_dir(str(tmp_path_factory.mktemp("serve-model")))
+
+
+@pytest.fixture(scope="module")
+def clahe_model_dir(tmp_path_factory) -> str:
+    # A small head: probabilities away from 0 and 1, so that they show any input change.
+    return tiny_model_dir(
+        str(tmp_path_factory.mktemp("serve-clahe")), contrast="clahe", head_std=0.05
+    )
 
 
 @pytest.fixture(scope="module")
@@ -397,9 +406,13 @@ def test_listens_on_loopback_only(serve_url):
 # ------------------------------------------------------------- one preprocessing path
 
 
-def test_endpoint_score_and_evaluate_agree_on_raw_films(serve_url, films, model_dir, tmp_path):
+@pytest.mark.parametrize("app", ["main", "clahe"])
+def test_endpoint_score_and_evaluate_agree_on_raw_films(
+    app, serve_url, films, model_dir, clahe_model_dir, tmp_path
+):
     """Full-resolution phantoms and a 16-bit DICOM: the endpoint, ``covidray score`` on the
-    raw files and ``evaluate`` after ingest give the same probabilities (1e-4)."""
+    raw files and ``evaluate`` after ingest give the same probabilities (1e-4); also for a
+    model whose card asks for CLAHE (the one preprocessing path applies it everywhere)."""
     from covidray.config import IngestConfig
     from covidray.dataset import load_rows
     from covidray.evaluation.evaluate import predict_rows
@@ -417,23 +430,43 @@ def test_endpoint_score_and_evaluate_agree_on_raw_films(serve_url, films, model_
             w.writerow([name, CLASSES[i % 3], f"p:{i}"])
     ids = {hashlib.sha256(d).hexdigest(): n for n, (d, _) in films.items()}
 
-    endpoint = {}
+    if app == "clahe":  # deployed for this test alone: the session's Ray has 4 CPUs
+        from ray import serve
+
+        from serving.app import build_app
+
+        serve.run(build_app({**APP, "model": clahe_model_dir}), name=app, route_prefix=f"/{app}")
+    endpoint, unequal = {}, []  # unequal: how far CLAHE moves each film's probabilities
     for image_id, name in ids.items():
         data, ctype = films[name]
-        r = post(f"{serve_url}/main/v1/predict?cam=none", data, ctype)
+        r = post(f"{serve_url}/{app}/v1/predict?cam=none", data, ctype)
         assert r.status_code == 200, r.text
         endpoint[image_id] = [r.json()["probabilities"][c] for c in CLASSES]
 
+    if app == "clahe":
+        serve.delete(app)  # its CPUs back for the scoring job's actors
+        # Without CLAHE the same model would answer otherwise: agreement below is no accident.
+        from covidray.preprocess import prepare_bytes
+
+        predictor = Predictor.from_dir(clahe_model_dir, device="cpu", threads=1)
+        prep = predictor.card.preprocessing
+        plain = prep.model_copy(update={"contrast": "none"})
+        for data, _ in films.values():
+            both = np.stack([prepare_bytes(data, prep), prepare_bytes(data, plain)])[:, None]
+            probs = predictor.predict_many(both, 2, with_cam=False).probs
+            unequal.append(float(np.abs(probs[0] - probs[1]).max()))
+    model = model_dir if app == "main" else clahe_model_dir
     out = tmp_path / "scores"
-    run_score(ScoreConfig(model=model_dir, data=str(raw), out=str(out), read_chunk=8))
+    run_score(ScoreConfig(model=model, data=str(raw), out=str(out), read_chunk=8))
     rows = read_predictions(str(out)).to_pylist()
     scored = {r["image_id"]: [r[f"prob_{c}"] for c in CLASSES] for r in rows if r["image_id"]}
     assert scored.keys() == endpoint.keys()
+    assert app == "main" or min(unequal) > 1e-3
 
     ds = tmp_path / "ds"
     ingest(IngestConfig(src=str(raw), dest=str(ds), size=SIDE))
     rows = load_rows(str(ds))
-    res = predict_rows(Predictor.from_dir(model_dir, device="cpu", threads=1), rows)
+    res = predict_rows(Predictor.from_dir(model, device="cpu", threads=1), rows)
     evaluated = dict(zip(rows["image_id"], res.probs.tolist(), strict=True))
     assert evaluated.keys() == endpoint.keys()
     for image_id in endpoint:

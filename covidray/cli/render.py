@@ -28,6 +28,7 @@ from ..evaluation.artifacts import (
     per_class_cells,
     subgroup_cells,
 )
+from ..evaluation.external import auroc_text, separation_text
 from ..evaluation.metrics import EvalReport
 from ..labels import CLASSES
 from ..manifest import SPLITS
@@ -188,6 +189,8 @@ def render_text(report: EvalReport, title: str = "") -> Group:
     parts.append(Text(overall_line(report)))
     if report.outputs is not None:
         parts.append(Text(outputs_line(report)))
+    if report.separation is not None:
+        parts.append(Text(separation_text(report.separation)))
 
     per_class = Table(title="Per class")
     for col in PER_CLASS_HEADER:
@@ -260,6 +263,9 @@ def _rates(r: EvalReport) -> dict[str, str]:
         "adult accuracy": "n/a"
         if r.adult is None
         else _rate(r.adult.accuracy * r.adult.n, r.adult.n),
+        "AUROC COVID vs adult non-COVID": "n/a"
+        if r.separation is None
+        else auroc_text(r.separation.all),
     }
 
 

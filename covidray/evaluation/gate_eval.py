@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from ..decode import decode_array
 from ..gate import energy
 from ..predict import Predictor
-from ..preprocess import prepare_array
+from ..preprocess import contrast_method, prepare_array
 from .intervals import auroc, bootstrap, wilson
 
 PHOTOGRAPHS = (
@@ -145,6 +145,7 @@ def model_inputs(predictor: Predictor, images: Sequence[bytes | np.ndarray]) -> 
                 decode_array(i) if isinstance(i, bytes) else i.astype(np.float32) / 255,
                 prep.input_size,
                 prep.shorter_side,
+                contrast_method(prep.contrast),
             )
             for i in images
         ]

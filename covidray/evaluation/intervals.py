@@ -28,16 +28,26 @@ def bootstrap(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    clusters: np.ndarray | None = None,
 ) -> tuple[float, float] | None:
     """Percentile bootstrap interval of ``statistic(*arrays)`` over resampled rows; None for
-    fewer than two rows."""
+    fewer than two rows (or clusters). With ``clusters`` (one id per row, e.g. the patient),
+    whole clusters are resampled: a patient's films stay together, as they are not
+    independent."""
     n = len(arrays[0])
-    if n < 2:
+    members: list[np.ndarray] = []
+    if clusters is not None and n:
+        _, inverse = np.unique(np.asarray(clusters).astype(str), return_inverse=True)
+        members = [np.flatnonzero(inverse == c) for c in range(int(inverse.max()) + 1)]
+    if n < 2 or (clusters is not None and len(members) < 2):
         return None
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        if clusters is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
         try:
             values.append(statistic(*(np.asarray(a)[idx] for a in arrays)))
         except ValueError:  # a resample without one of the classes a statistic needs

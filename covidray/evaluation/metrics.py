@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from ..drift import OutputMix
 from ..labels import CLASSES
+from .external import SeparationFigures
 
 POSITIVE_CLASS = "covid"
 UNKNOWN = "unknown"
@@ -140,6 +141,8 @@ class EvalReport(BaseModel):
     flagged: list[str]  # human-readable lines, one per flagged subgroup
     adult: SubgroupMetrics | None  # age_group == 'adult' only; None without such rows
     outputs: OutputFigures | None = None  # calibration and input gate, when a model was run
+    # COVID-19 vs adult non-COVID: AUROC, operating point, held-out sources (.external)
+    separation: SeparationFigures | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A compact, JSON-serialisable summary (plain Python numbers, lists and dicts)."""
@@ -172,6 +175,11 @@ class EvalReport(BaseModel):
             "flagged": list(self.flagged),
             "adult": self.adult.compact() if self.adult is not None else None,
             **(self.outputs.model_dump(mode="json") if self.outputs is not None else {}),
+            **(
+                {"separation": self.separation.model_dump(mode="json")}
+                if self.separation is not None
+                else {}
+            ),
         }
 
 

@@ -30,7 +30,7 @@ from .. import storage
 from ..config import secret_bytes
 from ..drift import DriftLine, OutputMix, compare
 from ..modeldir import WEIGHTS_NAME, _read_verified, read_card
-from ..preprocess import check_card
+from ..preprocess import check_card, contrast_method
 from ..runtime.cluster import ensure_ray
 from ..runtime.threads import physical_cores
 from . import results
@@ -233,6 +233,7 @@ def score_unlocked(
         fn_kwargs={
             "size": size,
             "shorter_side": card.preprocessing.shorter_side,
+            "contrast": contrast_method(card.preprocessing.contrast),
             "done": frozenset(done) if kind == "prefix" else frozenset(),
             "max_bytes": cfg.decode.max_bytes,
             "max_pixels": cfg.decode.max_pixels,

@@ -50,6 +50,7 @@ def read_decode(
     *,
     size: int,
     shorter_side: int,
+    contrast: str = "none",
     done: frozenset[str],
     max_bytes: int,
     max_pixels: int,
@@ -121,7 +122,7 @@ def read_decode(
         else:
             try:
                 image = decode_array(data, max_pixels=max_pixels)
-                pixels[i] = prepare_array(image, size, shorter_side)
+                pixels[i] = prepare_array(image, size, shorter_side, contrast)
             except DecodeError as err:
                 fail(i, err.reason.value, err.detail, err)
                 continue

@@ -83,6 +83,33 @@ class TrainConfig(Config):
         None, description="dataset/manifest of extra (e.g. synthetic) rows, added to TRAIN only"
     )
 
+    # Recipe options against source shortcuts (docs/source-study.md); every one off by default.
+    contrast: Literal["none", "clahe", "equalize"] = Field(
+        "none",
+        description="contrast normalisation of every model input (CLAHE or histogram "
+        "equalisation), recorded in the model card: evaluate, the nightly job and the endpoint "
+        "apply it too",
+    )
+    acquisition_augment: bool = Field(
+        False,
+        description="augment the batch as other scanners would have taken it: gamma, contrast, "
+        "blur, noise, sharpening, down-and-up sampling, JPEG artefacts",
+    )
+    group_dro_step: float = Field(
+        0.0,
+        ge=0,
+        description="group DRO over the (source x label) cells of train: step size of the "
+        "cells' weights (e.g. 0.01); 0: off",
+    )
+    source_adversary: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the reversed gradient of a class-conditional source classifier "
+        "on the pooled features (e.g. 0.1); 0: off",
+    )
+    mix: Literal["none", "mixup", "cutmix"] = Field("none", description="mix films of a batch")
+    mix_alpha: float = Field(0.4, gt=0, description="Beta(alpha, alpha) of the mix share")
+
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better val macro-F1"
     )

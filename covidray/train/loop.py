@@ -44,6 +44,7 @@ from ..runtime.train import (
 )
 from .config import TrainConfig
 from .data import EpochSampler, sample_weights
+from .robust import Objective, SourceCells, build_objective
 
 STATE_NAME = "state.pt"
 BEST_NAME = "best.safetensors"
@@ -108,6 +109,16 @@ def gather_rows(local: torch.Tensor, n_total: int, world: int, rank: int) -> tor
     return out
 
 
+def average_gradients(module: nn.Module) -> None:
+    """Average ``module``'s gradients over the workers (for parameters DDP does not wrap)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
 def all_reduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if _distributed(world):
@@ -142,6 +153,8 @@ class WorkerData(NamedTuple):
     sampler: EpochSampler
     val_x: torch.Tensor  # this rank's rows [rank::world] of val
     val_y: np.ndarray  # all val labels (predictions are gathered)
+    train_s: torch.Tensor  # N, long: source index into cells.sources
+    cells: SourceCells  # the whole train set's sources by class (group DRO, adversary)
 
 
 def load_worker_data(cfg: TrainConfig, rank: int, world: int) -> WorkerData:
@@ -158,12 +171,15 @@ def load_worker_data(cfg: TrainConfig, rank: int, world: int) -> WorkerData:
         cfg.source_balance_power,
     )
     shard = shard_indices(len(train_rows), rank, world, cfg.seed)
-    train_x = load_images([train_rows["uri"][i] for i in shard], cfg.input_size)
+    uris = [train_rows["uri"][i] for i in shard]
+    train_x = load_images(uris, cfg.input_size, contrast=cfg.contrast)
     train_y = torch.as_tensor(train_rows["y"].to_numpy()[shard], dtype=torch.long)
     sampler = EpochSampler(weights[shard], len(train_rows), world, cfg.batch_size, cfg.seed)
     val_uris = list(val_rows["uri"])[rank::world]
-    val_x = load_images(val_uris, cfg.input_size)
-    return WorkerData(train_x, train_y, sampler, val_x, val_rows["y"].to_numpy())
+    val_x = load_images(val_uris, cfg.input_size, contrast=cfg.contrast)
+    cells = SourceCells.of(train_rows["y"].to_numpy(), list(train_rows["source"]), len(CLASSES))
+    train_s = cells.index([train_rows["source"][i] for i in shard])
+    return WorkerData(train_x, train_y, sampler, val_x, val_rows["y"].to_numpy(), train_s, cells)
 
 
 class TrainParts(NamedTuple):
@@ -175,13 +191,19 @@ class TrainParts(NamedTuple):
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype
     augment: nn.Module
-    criterion: nn.Module
+    objective: Objective  # the loss (covidray.train.robust); its parameters are optimized too
 
 
-def build_training(cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> TrainParts:
+def build_training(
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    device: torch.device,
+    cells: SourceCells | None = None,
+) -> TrainParts:
     """Model (seeded by ``cfg.seed``, channels_last, still on the CPU), AdamW with the
     warmup + cosine schedule, the grad scaler (fp16 autocast only), the augmentation on
-    ``device`` and the label-smoothed loss."""
+    ``device`` and the label-smoothed loss with the recipe's options (mixup/cutmix, group DRO
+    and the source adversary: these need the train set's ``cells``)."""
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     model = build_model(
@@ -194,13 +216,16 @@ def build_training(cfg: TrainConfig, steps_per_epoch: int, device: torch.device)
     )
     # channels_last on CPUs too: oneDNN's convolutions are much faster a step (README).
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    objective = build_objective(cfg, model.num_features, cells).to(device)
+    groups = param_groups(model, cfg.weight_decay)
+    if any(True for _ in objective.parameters()):
+        groups.append({"params": list(objective.parameters()), "weight_decay": cfg.weight_decay})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
-    augment = build_augmentation(cfg.augment).to(device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return TrainParts(model, optimizer, scheduler, scaler, amp_dtype, augment, criterion)
+    augment = build_augmentation(cfg.augment, acquisition=cfg.acquisition_augment).to(device)
+    return TrainParts(model, optimizer, scheduler, scaler, amp_dtype, augment, objective)
 
 
 def ema_decay_at(decay: float, updates: int) -> float:
@@ -247,16 +272,21 @@ def train_one_epoch(
     ema: AveragedModel | None = None,
     epoch: int = 0,
     rank: int = 0,
+    train_s: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """One pass over ``batches`` (index tensors into ``train_x``/``train_y``) with the
     optimizer, schedule, loss and augmentation of ``parts``: augmentation on ``device``,
     channels_last, autocast on CUDA only, one optimizer and scheduler step per batch, then
     an update of ``ema`` when given. ``model`` overrides ``parts.model`` (e.g. its DDP
-    wrapper). Returns ``(sum of per-sample losses, samples seen)``; the sum is read back from
-    the device, so the call returns only when the epoch's work is done."""
+    wrapper). ``train_s``: the rows' source indices, needed by group DRO and the source
+    adversary. Returns ``(sum of per-batch losses × batch size, samples seen)``; the sum is
+    read back from the device, so the call returns only when the epoch's work is done."""
     model = parts.model if model is None else model
     optimizer, scheduler, scaler = parts.optimizer, parts.scheduler, parts.scaler
-    augment, criterion, amp_dtype = parts.augment, parts.criterion, parts.amp_dtype
+    augment, objective, amp_dtype = parts.augment, parts.objective, parts.amp_dtype
+    if objective.needs_sources and train_s is None:
+        raise ValueError("group DRO and the source adversary need train_s")
+    objective.train()
     cuda = device.type == "cuda"
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -266,14 +296,17 @@ def train_one_epoch(
             hook(epoch=epoch, step=step, rank=rank)
         x = u8_to_unit_tensor(train_x[idx].to(device, non_blocking=True))
         y = train_y[idx].to(device, non_blocking=True)
+        s = None if train_s is None else train_s[idx].to(device, non_blocking=True)
         with torch.no_grad():
-            x = augment(x)
+            x, targets = objective.mixed(augment(x), y, s)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda):
-            logits = model(x)
-        loss = criterion(logits.float(), y)
+        with objective.features_of(model) as features:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda):
+                logits = model(x)
+        loss = objective(logits.float(), targets, features[0] if features else None)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        average_gradients(objective)  # DDP averages the model's only
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -295,11 +328,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # --- data: this worker's train shard and val shard, decoded once -----------------------
     t0 = time.perf_counter()
-    train_x, train_y, sampler, val_x, val_y = load_worker_data(cfg, rank, world)
+    data = load_worker_data(cfg, rank, world)
+    train_x, train_y, sampler, val_x, val_y = data[:5]
     load_s = time.perf_counter() - t0
 
     # --- model, optimizer, schedule -------------------------------------------------------
-    parts = build_training(cfg, sampler.steps, device)
+    parts = build_training(cfg, sampler.steps, device, data.cells)
     model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
 
     model.to(device)  # before the optimizer state is restored, so it lands on the device
@@ -315,6 +349,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         parts.scaler.load_state_dict(state["scaler"])
+        if "objective" in state:
+            parts.objective.load_state_dict(state["objective"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         best, history = dict(state["best"]), list(state["history"])
@@ -342,6 +378,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema=ema,
             epoch=epoch,
             rank=rank,
+            train_s=data.train_s,
         )
         train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
         train_loss_sum, train_n = all_reduce_sum([loss_sum, seen], device, world)
@@ -401,6 +438,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": parts.scaler.state_dict(),
+                "objective": _cpu_state(parts.objective),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
                 "epoch": epoch,
                 "best": best,

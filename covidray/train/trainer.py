@@ -17,13 +17,14 @@ from pydantic import BaseModel
 
 from .. import storage
 from ..dataset import load_rows, shorter_side, training_data_hash
-from ..evaluation.evaluate import evaluate_rows
+from ..evaluation.evaluate import evaluate_val_test
 from ..gate import GateStats
+from ..heldout import held_out_sources
 from ..labels import CLASSES
 from ..modeldir import WEIGHTS_NAME, ModelCard, read_card, save_model_dir
 from ..posthoc import fit_outputs
 from ..predict import Predictor
-from ..preprocess import check_card
+from ..preprocess import check_card, contrast_method
 from ..runtime.cluster import call_on_worker
 from ..runtime.threads import threads_per_worker
 from ..runtime.train import EpochCallback, checkpoint_dir, fit_on_ray, worker_env
@@ -110,6 +111,7 @@ def resolve_parent(cfg: TrainConfig) -> tuple[TrainConfig, ModelCard | None]:
         "head": parent.head,
         "input_size": parent.preprocessing.input_size,
         "tta_hflip": parent.tta_hflip,
+        "contrast": contrast_method(parent.preprocessing.contrast),
         "weights": storage.join(cfg.init_from, WEIGHTS_NAME),
         "weights_sha256": parent.weights_sha256,
     }
@@ -152,6 +154,7 @@ def finalize_run(
         model,
         cfg.input_size,
         shorter_side(rows),
+        contrast=cfg.contrast,
         tta_hflip=cfg.tta_hflip,
         training_data_hash=training_data_hash(rows),
         training={
@@ -175,11 +178,9 @@ def finalize_run(
     predictor = Predictor(
         model, fitted.card, device=device, gate_stats=GateStats.from_bytes(fitted.gate_stats)
     )
-    reports = {}
-    for split in ("val", "test"):
-        split_rows = rows[rows["split"] == split].reset_index(drop=True)
-        if not split_rows.empty:
-            reports[split] = evaluate_rows(predictor, split_rows, batch_size=cfg.eval_batch_size)
+    reports = evaluate_val_test(
+        predictor, rows, batch_size=cfg.eval_batch_size, held_out=held_out_sources(cfg.data)
+    )
     model_uri = storage.join(cfg.out, "model")
     card = save_model_dir(
         model,
