@@ -1,6 +1,7 @@
 """The input gate: is this a frontal chest X-ray the model was built for?
 
-Two layers, reported on every prediction as ``in_scope``, ``gate_reason`` and ``ood_score``:
+Three layers, in this order, reported on every prediction as ``in_scope``, ``gate_reason``
+and ``ood_score`` (docs/gate.md):
 
 - **metadata** (:func:`metadata_reason`): DICOM ``Modality`` other than CR/DX (CT, MR, US,
   and secondary captures SC/OT, often screenshots), ``BodyPartExamined`` other than the chest,
@@ -16,7 +17,10 @@ Two layers, reported on every prediction as ``in_scope``, ``gate_reason`` and ``
   better but refuse many more heterogeneous in-scope films, most of them COVID and pneumonia
   cases (``bench/gate_layers.py``), so they are a site's choice (``covidray calibrate
   --gate-layer``), not the default. The energy score of the logits is computed alongside, for
-  comparison only. Statistics live in ``gate.safetensors`` in the model directory.
+  comparison only. Statistics live in ``gate.safetensors`` in the model directory; a film
+  refused here has ``gate_reason`` ``ood_image``.
+- **view check** (:mod:`covidray.viewcheck`): of the films the distance lets through, those a
+  small classifier on the same forward pass's features calls lateral (``image_view:lateral``).
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 GATE_STATS_NAME = "gate.safetensors"
 FEATURE_LAYER = "pool"  # CxrClassifier.pool: the head's input; the one layer of early cards
 VAL_REJECTION = 0.05  # share of in-scope validation films the threshold may refuse
+OOD_REASON = "ood_image"  # gate_reason of a film the image distance refuses
 
 IN_SCOPE_MODALITIES = frozenset({"CR", "DX"})
 CHEST = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT", "CXR"})
 LATERAL_OR_OBLIQUE = frozenset(
-    {"LL", "RL", "LAT", "LATERAL", "RLD", "LLD", "DECUBITUS", "OBL", "OBLIQUE"}
+    {"L", "LL", "RL", "LAT", "LATERAL", "RLD", "LLD", "DECUBITUS", "OBL", "OBLIQUE"}
     | {"RAO", "LAO", "RPO", "LPO", "RLO", "LLO"}
 )
 

@@ -114,6 +114,8 @@ class OutputFigures(BaseModel):
     # The gate's refusals by subgroup: column (label, source, age group, view) -> value ->
     # (refused, films). Refusals that fall on one class or one source are a bias like any other.
     false_rejections_by: dict[str, dict[str, tuple[int, int]]] = {}
+    # Refusals by gate_reason (ood_image: the image distance; image_view:lateral: the view check)
+    rejections_by_reason: dict[str, int] = {}
 
 
 class EvalReport(BaseModel):

@@ -25,6 +25,7 @@ ITEM_SCHEMA = pa.schema(
         pa.field("patient_id", pa.string()),
         pa.field("study_day", pa.float32()),
         pa.field("study_date", pa.string()),
+        pa.field("view", pa.string()),  # a manifest's view position (a header's when read)
         pa.field("size", pa.int64()),
         pa.field("error", pa.string()),  # set: not to be read (bad_path), a failed row
         pa.field("error_detail", pa.string()),
@@ -86,6 +87,7 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
             ("patient_id", pa.string()),
             ("study_day", pa.float32()),
             ("study_date", pa.string()),
+            ("view", pa.string()),
         ):
             values = col(name, typ)
             cols[name] = [values[i] for i in keep]
@@ -114,6 +116,7 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
             "patient_id": [None] * n,
             "study_day": [None] * n,
             "study_date": [None] * n,
+            "view": [None] * n,
             "size": sizes,
             "error": [None] * n,
             "error_detail": [None] * n,

@@ -82,6 +82,11 @@ class TrainConfig(Config):
     augment_with: str | None = Field(
         None, description="dataset/manifest of extra (e.g. synthetic) rows, added to TRAIN only"
     )
+    views: str | None = Field(
+        None,
+        description="dataset whose rows state their view (lateral or frontal, labelled or not, "
+        "e.g. an ingested ../shared/data/views): fits the input gate's view check",
+    )
 
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better val macro-F1"
@@ -112,7 +117,9 @@ class TrainConfig(Config):
             data = {**data, "freeze": freeze}
         return data
 
-    @field_validator("weights", "weights_sha256", "augment_with", "init_from", mode="before")
+    @field_validator(
+        "weights", "weights_sha256", "augment_with", "init_from", "views", mode="before"
+    )
     @classmethod
     def _none_words(cls, v: object) -> object:
         if isinstance(v, str) and v.strip().lower() in ("", "none", "null", "random"):

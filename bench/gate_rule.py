@@ -1,0 +1,137 @@
+"""The image distance's layer(s) and threshold rule, re-tuned with the view check in place.
+
+With lateral films left to the view check, the distance is still there for CT slices,
+photographs, screenshots, other body parts and inverted or rotated films. This bench fits the
+distance on each candidate layer (set) at each share of validation films its threshold may
+refuse, and reports, for each, the refusals (distance or view check) of the synthetic
+out-of-scope kinds, which are all made here: scikit-image's photographs and screenshots,
+forearm phantoms, text screens, and inverted and rotated copies of the VALIDATION films. The
+choice is made on these and on the validation split only: neither the test split nor
+``../shared/data/ood`` is read (they are measured once, afterwards, by bench/trust.py).
+
+    .venv/bin/python bench/gate_rule.py --model RUN/model --data DS \
+        [--layers pool --layers pool,features.blocks.5] [--rejection 0.05 --rejection 0.01]
+
+``RUN/model`` must have a view check (``covidray calibrate --views``). The last line is
+``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from covidray.dataset import load_rows  # noqa: E402
+from covidray.evaluation.evaluate import select_split  # noqa: E402
+from covidray.evaluation.gate_eval import (  # noqa: E402
+    PHOTOGRAPHS,
+    SCREENSHOTS,
+    made_negatives,
+    model_inputs,
+    skimage_images,
+)
+from covidray.evaluation.intervals import wilson  # noqa: E402
+from covidray.gate import fit_gate  # noqa: E402
+from covidray.modeldir import load_model_dir, read_view_stats  # noqa: E402
+from covidray.predict import Predictor, select_layers  # noqa: E402
+from covidray.storage import read_bytes  # noqa: E402
+from covidray.viewcheck import ViewWeights  # noqa: E402
+
+LAYER_SETS = ("pool", "features.blocks.5", "features.blocks.6", "pool,features.blocks.5")
+REJECTIONS = (0.05, 0.03, 0.02, 0.01)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="the ingested dataset the model trained on")
+    ap.add_argument("--layers", action="append", default=[], help="comma-separated layers")
+    ap.add_argument("--rejection", action="append", type=float, default=[])
+    args = ap.parse_args(argv)
+
+    model, card = load_model_dir(args.model)
+    if card.view_check is None:
+        raise SystemExit("the model has no view check: covidray calibrate --views first")
+    view = ViewWeights.from_bytes(read_view_stats(args.model, card) or b"")
+    sets = [tuple(s.split(",")) for s in (args.layers or LAYER_SETS)]
+    layers = tuple(dict.fromkeys([*card.view_check.feature_layers, *(n for s in sets for n in s)]))
+    bare = card.model_copy(update={"calibration": None, "gate": None, "view_check": None})
+    predictor = Predictor(model, bare, gate_layers=layers, copy=False)
+    rows = load_rows(args.data)
+    train = select_split(rows, "train")
+    train = train[~train["synthetic"].fillna(False).astype(bool)]
+    val = select_split(rows, "val")
+
+    def outputs(images: list) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+        batch = model_inputs(predictor, images)
+        res = predictor.predict_many(batch, 32, with_cam=False, return_features=True)
+        return res.features, res.logits, res.feature_dims
+
+    val_bytes = [read_bytes(u) for u in val["uri"]]
+    f_train, _, dims = outputs([read_bytes(u) for u in train["uri"]])
+    f_val, l_val, _ = outputs(val_bytes)
+    from covidray.decode import decode_array
+
+    val_u8 = [(decode_array(b) * 255).round().astype("uint8") for b in val_bytes]
+    kinds = {
+        "photograph": skimage_images(PHOTOGRAPHS),
+        "screenshot": skimage_images(SCREENSHOTS),
+        **made_negatives(val_u8[:20], seed=1),
+    }
+    f_kinds = {k: outputs(v)[0] for k, v in kinds.items() if v}
+
+    def lateral(features: np.ndarray) -> np.ndarray:
+        part = card.view_check.feature_layers
+        p = view.lateral_probability(select_layers(features, layers, dims, part))
+        return p > card.view_check.threshold
+
+    results = []
+    head = " ".join(f"{k[:12]:>12}" for k in f_kinds)
+    print(f"{'layers':<28} {'val rej':>7} {'val refused':>12}  {head}")
+    for chosen in sets:
+        part = chosen
+        d = tuple(dims[layers.index(n)] for n in chosen)
+        for r in args.rejection or REJECTIONS:
+            gate, stats = fit_gate(
+                select_layers(f_train, layers, dims, part),
+                select_layers(f_val, layers, dims, part),
+                l_val,
+                layers=chosen,
+                dims=d,
+                rejection=r,
+            )
+
+            def refused(features: np.ndarray, gate=gate, stats=stats, part=part) -> np.ndarray:
+                mine = select_layers(features, layers, dims, part)
+                return (gate.score(stats.distances(mine)) > gate.threshold) | lateral(features)
+
+            val_refused = int(refused(f_val).sum())
+            rates = {k: float(refused(f).mean()) for k, f in f_kinds.items()}
+            results.append(
+                {
+                    "layers": chosen,
+                    "val_rejection": r,
+                    "val_refused": [val_refused, len(f_val)],
+                    "val_refused_interval": wilson(val_refused, len(f_val)),
+                    "kinds": rates,
+                    "min_kind": min(rates.values()),
+                }
+            )
+            cells = " ".join(f"{v:12.3f}" for v in rates.values())
+            print(
+                f"{','.join(chosen):<28} {r:7.3f} {val_refused:>5}/{len(f_val):<6}  {cells}",
+                flush=True,
+            )
+    print("RESULT " + json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
