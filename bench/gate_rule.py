@@ -9,11 +9,11 @@ forearm phantoms, text screens, and inverted and rotated copies of the VALIDATIO
 choice is made on these and on the validation split only: neither the test split nor
 ``../shared/data/ood`` is read (they are measured once, afterwards, by bench/trust.py).
 
-    .venv/bin/python bench/gate_rule.py --model RUN/model --data DS \
+    .venv/bin/python bench/gate_rule.py --model RUN/model --data DS --views VIEWS \
         [--layers pool --layers pool,features.blocks.5] [--rejection 0.05 --rejection 0.01]
 
-``RUN/model`` must have a view check (``covidray calibrate --views``). The last line is
-``RESULT {json}``.
+The view check is fitted here as ``covidray calibrate --views VIEWS`` fits it (same features,
+same code). One forward pass per film for every layer. The last line is ``RESULT {json}``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from covidray.dataset import load_rows  # noqa: E402
+from covidray.dataset import load_rows, load_view_rows  # noqa: E402
 from covidray.evaluation.evaluate import select_split  # noqa: E402
 from covidray.evaluation.gate_eval import (  # noqa: E402
     PHOTOGRAPHS,
@@ -39,10 +39,11 @@ from covidray.evaluation.gate_eval import (  # noqa: E402
 )
 from covidray.evaluation.intervals import wilson  # noqa: E402
 from covidray.gate import fit_gate  # noqa: E402
-from covidray.modeldir import load_model_dir, read_view_stats  # noqa: E402
+from covidray.modeldir import load_model_dir  # noqa: E402
+from covidray.posthoc import view_training_set  # noqa: E402
 from covidray.predict import Predictor, select_layers  # noqa: E402
 from covidray.storage import read_bytes  # noqa: E402
-from covidray.viewcheck import ViewWeights  # noqa: E402
+from covidray.viewcheck import VIEW_LAYERS, fit_view_check  # noqa: E402
 
 LAYER_SETS = ("pool", "features.blocks.5", "features.blocks.6", "pool,features.blocks.5")
 REJECTIONS = (0.05, 0.03, 0.02, 0.01)
@@ -52,22 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True, help="the ingested dataset the model trained on")
+    ap.add_argument("--views", required=True, help="the ingested view dataset")
     ap.add_argument("--layers", action="append", default=[], help="comma-separated layers")
     ap.add_argument("--rejection", action="append", type=float, default=[])
     args = ap.parse_args(argv)
 
     model, card = load_model_dir(args.model)
-    if card.view_check is None:
-        raise SystemExit("the model has no view check: covidray calibrate --views first")
-    view = ViewWeights.from_bytes(read_view_stats(args.model, card) or b"")
     sets = [tuple(s.split(",")) for s in (args.layers or LAYER_SETS)]
-    layers = tuple(dict.fromkeys([*card.view_check.feature_layers, *(n for s in sets for n in s)]))
+    layers = tuple(dict.fromkeys([*VIEW_LAYERS, *(n for s in sets for n in s)]))
     bare = card.model_copy(update={"calibration": None, "gate": None, "view_check": None})
     predictor = Predictor(model, bare, gate_layers=layers, copy=False)
     rows = load_rows(args.data)
     train = select_split(rows, "train")
-    train = train[~train["synthetic"].fillna(False).astype(bool)]
+    train = train[~train["synthetic"].fillna(False).astype(bool)].reset_index(drop=True)
     val = select_split(rows, "val")
+    views = load_view_rows(args.views)
 
     def outputs(images: list) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
         batch = model_inputs(predictor, images)
@@ -86,11 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         **made_negatives(val_u8[:20], seed=1),
     }
     f_kinds = {k: outputs(v)[0] for k, v in kinds.items() if v}
+    f_views = outputs([read_bytes(u) for u in views["uri"]])[0]
+    check, view = fit_view_check(
+        *view_training_set(
+            train,
+            select_layers(f_train, layers, dims, VIEW_LAYERS),
+            views,
+            select_layers(f_views, layers, dims, VIEW_LAYERS),
+        ),
+        layers=VIEW_LAYERS,
+    )
+    print(f"view check: {check.fitted_on}, l2 {check.l2}, cross-validated {check.cv}")
 
     def lateral(features: np.ndarray) -> np.ndarray:
-        part = card.view_check.feature_layers
-        p = view.lateral_probability(select_layers(features, layers, dims, part))
-        return p > card.view_check.threshold
+        p = view.lateral_probability(select_layers(features, layers, dims, VIEW_LAYERS))
+        return p > check.threshold
 
     results = []
     head = " ".join(f"{k[:12]:>12}" for k in f_kinds)

@@ -181,20 +181,23 @@ class ModelCard(BaseModel):
 
 
 def code_version() -> str:
-    """``covidray.__version__`` plus the git commit of the source tree, when there is one."""
+    """``covidray.__version__`` plus the git commit of the source tree, when there is one, and
+    ``.dirty`` when tracked files differ from it (the commit alone would not reproduce)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{__version__}+git.{commit}" if commit else f"{__version__}+unknown"
+        commit, dirty = "", False
+    if not commit:
+        return f"{__version__}+unknown"
+    return f"{__version__}+git.{commit}" + (".dirty" if dirty else "")
 
 
 def weights_bytes(model: torch.nn.Module) -> bytes:
