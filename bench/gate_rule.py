@@ -43,10 +43,12 @@ from covidray.modeldir import load_model_dir  # noqa: E402
 from covidray.posthoc import view_training_set  # noqa: E402
 from covidray.predict import Predictor, select_layers  # noqa: E402
 from covidray.storage import read_bytes  # noqa: E402
-from covidray.viewcheck import VIEW_LAYERS, fit_view_check  # noqa: E402
+from covidray.viewcheck import default_view_layers, fit_view_check  # noqa: E402
 
 LAYER_SETS = ("pool", "features.blocks.5", "features.blocks.6", "pool,features.blocks.5")
 REJECTIONS = (0.05, 0.03, 0.02, 0.01)
+# Thresholds on ood_score itself (the distance standardised by its mean and spread on val)
+SCORES = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", required=True, help="the ingested view dataset")
     ap.add_argument("--layers", action="append", default=[], help="comma-separated layers")
     ap.add_argument("--rejection", action="append", type=float, default=[])
+    ap.add_argument("--cache", type=Path, help="features saved here (npz), reused when present")
     args = ap.parse_args(argv)
 
     model, card = load_model_dir(args.model)
     sets = [tuple(s.split(",")) for s in (args.layers or LAYER_SETS)]
-    layers = tuple(dict.fromkeys([*VIEW_LAYERS, *(n for s in sets for n in s)]))
+    view_layers = default_view_layers(card.backbone)
+    layers = tuple(dict.fromkeys([*view_layers, *(n for s in sets for n in s)]))
     bare = card.model_copy(update={"calibration": None, "gate": None, "view_check": None})
     predictor = Predictor(model, bare, gate_layers=layers, copy=False)
     rows = load_rows(args.data)
@@ -74,49 +78,69 @@ def main(argv: list[str] | None = None) -> int:
         res = predictor.predict_many(batch, 32, with_cam=False, return_features=True)
         return res.features, res.logits, res.feature_dims
 
-    val_bytes = [read_bytes(u) for u in val["uri"]]
-    f_train, _, dims = outputs([read_bytes(u) for u in train["uri"]])
-    f_val, l_val, _ = outputs(val_bytes)
-    from covidray.decode import decode_array
+    if args.cache is not None and args.cache.exists():
+        saved = np.load(args.cache)
+        f_train, f_val, l_val, f_views = (saved[k] for k in ("train", "val", "val_logits", "views"))
+        dims = tuple(int(d) for d in saved["dims"])
+        f_kinds = {k[5:]: saved[k] for k in saved.files if k.startswith("kind.")}
+    else:
+        from covidray.decode import decode_array
 
-    val_u8 = [(decode_array(b) * 255).round().astype("uint8") for b in val_bytes]
-    kinds = {
-        "photograph": skimage_images(PHOTOGRAPHS),
-        "screenshot": skimage_images(SCREENSHOTS),
-        **made_negatives(val_u8[:20], seed=1),
-    }
-    f_kinds = {k: outputs(v)[0] for k, v in kinds.items() if v}
-    f_views = outputs([read_bytes(u) for u in views["uri"]])[0]
+        val_bytes = [read_bytes(u) for u in val["uri"]]
+        f_train, _, dims = outputs([read_bytes(u) for u in train["uri"]])
+        f_val, l_val, _ = outputs(val_bytes)
+        val_u8 = [(decode_array(b) * 255).round().astype("uint8") for b in val_bytes]
+        kinds = {
+            "photograph": skimage_images(PHOTOGRAPHS),
+            "screenshot": skimage_images(SCREENSHOTS),
+            **made_negatives(val_u8[:20], seed=1),
+        }
+        f_kinds = {k: outputs(v)[0] for k, v in kinds.items() if v}
+        f_views = outputs([read_bytes(u) for u in views["uri"]])[0]
+        if args.cache is not None:
+            np.savez(
+                args.cache,
+                train=f_train,
+                val=f_val,
+                val_logits=l_val,
+                views=f_views,
+                dims=np.array(dims),
+                **{f"kind.{k}": v for k, v in f_kinds.items()},
+            )
     check, view = fit_view_check(
         *view_training_set(
             train,
-            select_layers(f_train, layers, dims, VIEW_LAYERS),
+            select_layers(f_train, layers, dims, view_layers),
             views,
-            select_layers(f_views, layers, dims, VIEW_LAYERS),
+            select_layers(f_views, layers, dims, view_layers),
         ),
-        layers=VIEW_LAYERS,
+        layers=view_layers,
     )
     print(f"view check: {check.fitted_on}, l2 {check.l2}, cross-validated {check.cv}")
 
     def lateral(features: np.ndarray) -> np.ndarray:
-        p = view.lateral_probability(select_layers(features, layers, dims, VIEW_LAYERS))
+        p = view.lateral_probability(select_layers(features, layers, dims, view_layers))
         return p > check.threshold
 
     results = []
     head = " ".join(f"{k[:12]:>12}" for k in f_kinds)
-    print(f"{'layers':<28} {'val rej':>7} {'val refused':>12}  {head}")
+    print(f"{'layers':<22} {'rule':>5} {'value':>6} {'val refused':>12}  {head}")
     for chosen in sets:
         part = chosen
         d = tuple(dims[layers.index(n)] for n in chosen)
-        for r in args.rejection or REJECTIONS:
+        rules = [("val", r) for r in args.rejection or REJECTIONS]
+        rules += [("score", k) for k in SCORES]
+        for rule, r in rules:
             gate, stats = fit_gate(
                 select_layers(f_train, layers, dims, part),
                 select_layers(f_val, layers, dims, part),
                 l_val,
                 layers=chosen,
                 dims=d,
-                rejection=r,
+                rejection=r if rule == "val" else REJECTIONS[0],
             )
+            if rule == "score":
+                gate = gate.model_copy(update={"threshold": r})
 
             def refused(features: np.ndarray, gate=gate, stats=stats, part=part) -> np.ndarray:
                 mine = select_layers(features, layers, dims, part)
@@ -127,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 {
                     "layers": chosen,
-                    "val_rejection": r,
+                    "rule": rule,
+                    "value": r,
                     "val_refused": [val_refused, len(f_val)],
                     "val_refused_interval": wilson(val_refused, len(f_val)),
                     "kinds": rates,
@@ -136,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             cells = " ".join(f"{v:12.3f}" for v in rates.values())
             print(
-                f"{','.join(chosen):<28} {r:7.3f} {val_refused:>5}/{len(f_val):<6}  {cells}",
+                f"{','.join(chosen):<22} {rule:>5} {r:6.3g} "
+                f"{val_refused:>5}/{len(f_val):<6}  {cells}",
                 flush=True,
             )
     print("RESULT " + json.dumps(results))

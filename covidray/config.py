@@ -159,9 +159,10 @@ class CalibrateConfig(Config):
         "../shared/data/views: fits the gate's view check (default: keep the model's, if any)",
     )
     gate_layer: list[str] = Field(
-        ["pool"],
+        [],
         description="the input gate's feature layer (pool: the head's input); give it more than "
-        "once for a multi-layer score, e.g. features.blocks.4 (see bench/gate_layers.py)",
+        "once for a multi-layer score, e.g. features.blocks.4 (see bench/gate_layers.py); "
+        "default: the backbone's (pool + features.blocks.5 for efficientnet_lite0)",
     )
 
     @field_validator("gate_layer", mode="before")

@@ -20,11 +20,11 @@ from .dataset import load_images, load_rows, load_view_rows
 from .evaluation.artifacts import reliability_png
 from .evaluation.metrics import EvalReport
 from .explain.fixed import fit_cam_scale
-from .gate import FEATURE_LAYER, GateStats, fit_gate
+from .gate import GateStats, default_gate_layers, fit_gate
 from .labels import CLASSES
 from .modeldir import ModelCard, load_model_dir, read_view_stats, save_model_dir
 from .predict import BatchPrediction, Predictor, select_layers
-from .viewcheck import VIEW_LAYERS, ViewWeights, fit_view_check, view_class
+from .viewcheck import ViewWeights, default_view_layers, fit_view_check, view_class
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,14 @@ def fit_outputs(
 ) -> Fitted:
     """Fit the calibration on ``rows``' val split, the gate on its train (statistics) and
     val (thresholds) splits and the COVID-19 Grad-CAM scale on val; ``rows`` from
-    :func:`covidray.dataset.load_rows`. The gate looks at ``gate_layers`` (default: the head's
-    input, ``pool``). With ``view_rows`` (:func:`covidray.dataset.load_view_rows`) the view
-    check too, on them and the training split's frontal films."""
-    layers = tuple(gate_layers or (FEATURE_LAYER,))
+    :func:`covidray.dataset.load_rows`. The gate looks at ``gate_layers`` (default: the
+    backbone's, :func:`covidray.gate.default_gate_layers`). With ``view_rows``
+    (:func:`covidray.dataset.load_view_rows`) the view check too, on them and the training
+    split's frontal films."""
+    layers = tuple(gate_layers or default_gate_layers(card.backbone))
     with_views = view_rows is not None and not view_rows.empty
-    captured = layers + tuple(n for n in VIEW_LAYERS if with_views and n not in layers)
+    view_layers = default_view_layers(card.backbone) if with_views else ()
+    captured = layers + tuple(n for n in view_layers if n not in layers)
     split = {s: rows[rows["split"] == s].reset_index(drop=True) for s in ("train", "val")}
     if split["val"].empty or split["train"].empty:
         raise ValueError("calibration and the input gate need labelled train and val rows")
@@ -141,7 +143,7 @@ def fit_outputs(
     )
     view_check = view_stats = None
     if with_views:
-        part = VIEW_LAYERS
+        part = view_layers
         seen = raw_outputs(model, card, view_rows, **run)
         x, lateral, patients, in_view_set = view_training_set(
             real_train,
@@ -154,8 +156,8 @@ def fit_outputs(
             lateral,
             patients,
             in_view_set,
-            layers=VIEW_LAYERS,
-            dims=tuple(dims[n] for n in VIEW_LAYERS),
+            layers=view_layers,
+            dims=tuple(dims[n] for n in view_layers),
         )
         view_stats = weights.to_bytes()
         log.info("view check: %s; cross-validated %s", view_check.fitted_on, view_check.cv)

@@ -4,7 +4,8 @@ The third layer of the gate (metadata → image distance → view check, see
 :mod:`covidray.gate`): the image distance refuses CT slices, photographs and other kinds
 first, so this two-class check only sees chest films. A class-balanced, L2-regularised
 logistic regression on the standardised, spatially pooled features of the model's own
-layers (``feature_layers``, captured in the Predictor's one forward pass), fitted on a view
+layers (``feature_layers``, :func:`default_view_layers`: ``features.blocks.5`` for
+``efficientnet_lite0``, captured in the Predictor's one forward pass), fitted on a view
 dataset (``--views``: rows whose ``view`` says lateral or frontal, e.g. the ingested
 ``../shared/data/views``) plus the frontal films of the training split. The L2 strength is
 chosen by cross-validation grouped by patient, and the fitted card records the
@@ -24,11 +25,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 VIEW_STATS_NAME = "view.safetensors"
-VIEW_LAYERS = ("pool",)  # bench/view_layers.py: the head's input did as well as any stage
+VIEW_LAYERS = ("pool",)  # the head's input: any backbone has it
+# By backbone, chosen by bench/view_layers.py (docs/gate.md); also a gate layer there, so the
+# one forward pass captures it anyway.
+DEFAULT_VIEW_LAYERS: dict[str, tuple[str, ...]] = {"efficientnet_lite0": ("features.blocks.5",)}
 LATERAL_REASON = "image_view:lateral"
 L2_GRID = (0.01, 0.1, 1.0, 10.0)  # penalty on the mean loss, standardised features
 FOLDS = 5
 LATERAL_VIEWS = frozenset({"L", "LL", "RL", "LAT", "LATERAL"})
+
+
+def default_view_layers(backbone: str) -> tuple[str, ...]:
+    """The view check's feature layers for ``backbone``."""
+    return DEFAULT_VIEW_LAYERS.get(backbone, VIEW_LAYERS)
 
 
 def view_class(view: Any) -> Literal["lateral", "frontal"] | None:

@@ -222,14 +222,18 @@ def test_calibrate_with_views_fits_the_view_check_and_cam_scale(tmp_path, capsys
     assert main(["calibrate", "--model", m, "--data", ds, "--views", views]) == 0
     said = capsys.readouterr()
     out = said.out + said.err
-    assert "view check over pool" in out and "COVID-19 Grad-CAM scale" in out
+    assert "view check over features.blocks.5" in out and "COVID-19 Grad-CAM scale" in out
     _, card = load_model_dir(m)
     v = card.view_check
-    assert v is not None and v.dims == (1280,) and (Path(m) / "view.safetensors").exists()
+    assert v is not None and v.feature_layers == ("features.blocks.5",) and v.dims == (192,)
+    assert (Path(m) / "view.safetensors").exists()
     assert v.cv["laterals_refused"][1] == 6 and v.cv["view_set_frontals_refused"][1] == 6
     assert "6 lateral" in v.fitted_on
     assert card.cam_covid_scale is not None and card.cam_covid_scale > 0
     assert card.scoring_version != before
+    # The re-tuned distance (bench/gate_rule.py): the backbone's layers, 1 % of val refused.
+    assert card.gate.feature_layers == ("pool", "features.blocks.5")
+    assert card.gate.val_rejection == 0.01
     p = Predictor.from_dir(m, device="cpu", threads=1)
     assert p.view is not None and p.view_weights is not None
 

@@ -87,7 +87,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         cfg.out,
         device=cfg.device,
         batch_size=cfg.batch_size,
-        gate_layers=tuple(cfg.gate_layer),
+        gate_layers=tuple(cfg.gate_layer) or None,
         views_uri=cfg.views,
     )
     cal = card.effective_calibration
