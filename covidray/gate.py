@@ -65,7 +65,7 @@ class Gate(BaseModel):
     shrinkage: tuple[float, ...]  # Ledoit-Wolf's, per layer
     dims: tuple[int, ...]  # channels per layer
     fitted_on: str  # e.g. "train (494 images); threshold on val (107)"
-    val_rejection: float = VAL_REJECTION
+    val_rejection: float = 0.05  # cards written without it used 5 %; fit_gate sets it
     stats_file: str = GATE_STATS_NAME
     stats_sha256: str = ""
 
