@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Real chest X-rays beside the project, when present; the demo synthesizes phantoms otherwise.
 DATA ?= $(if $(wildcard ../shared/data/cxr/manifest.csv),../shared/data/cxr,)
+# Frontal and lateral films for the input gate's view check, when present.
+VIEWS ?= $(if $(wildcard ../shared/data/views/manifest.csv),../shared/data/views,)
 WORKDIR ?= demo-output
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/covidray demo $(if $(DATA),--data $(DATA)) --workdir $(WORKDIR)
+	$(BIN)/covidray demo $(if $(DATA),--data $(DATA)) $(if $(VIEWS),--views $(VIEWS)) --workdir $(WORKDIR)
 
 # Everything, against real local parts (Ray, a moto S3 server, helm); the slowest tests listed.
 test: $(STAMP)

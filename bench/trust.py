@@ -1,6 +1,8 @@
-"""Calibration and input-gate figures of a trained model (the README's "Outputs a hospital can
-trust" tables): ECE before and after calibration on the test split with bootstrap intervals,
-and the gate's AUROC and rejection rate per kind of out-of-scope image.
+"""Calibration and input-gate figures of a trained model (docs/gate.md's tables): ECE before
+and after calibration on the test split with bootstrap intervals, the gate's false rejections
+by reason, class and source, the view check's cross-validated figures, and per kind of
+out-of-scope image the AUROC of the image distance and the share refused by the gate (the
+distance, then the view check), with how many the view check refused.
 
     .venv/bin/python bench/trust.py --model RUN/model --data DS [--ood ../shared/data/ood]
 
@@ -21,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from covidray.dataset import load_rows  # noqa: E402
 from covidray.evaluation.evaluate import evaluate_rows, select_split  # noqa: E402
 from covidray.evaluation.gate_eval import evaluate_gate, out_of_scope_sets  # noqa: E402
+from covidray.evaluation.intervals import wilson  # noqa: E402
 from covidray.predict import Predictor  # noqa: E402
 from covidray.storage import read_bytes  # noqa: E402
 
@@ -60,16 +63,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{gate.false_rejection_rate:.3f} ({_interval(gate.false_rejection_interval)}), "
         f"n = {gate.n_in_scope}"
     )
+    print(
+        "  by reason: "
+        + (", ".join(f"{r} {n}" for r, n in out.rejections_by_reason.items()) or "none")
+    )
     by = out.false_rejections_by
     for column in ("label", "source"):
         if column in by:
             print(
                 f"  refused by {column}: "
-                + ", ".join(f"{v} {k}/{n}" for v, (k, n) in by[column].items())
+                + ", ".join(
+                    f"{v} {k}/{n} ({_interval(wilson(k, n))})" for v, (k, n) in by[column].items()
+                )
             )
+    view = predictor.card.view_check
+    if view is not None:
+        print(
+            f"view check over {', '.join(view.feature_layers)} ({view.fitted_on}), "
+            "cross-validated by patient: "
+            + ", ".join(f"{k.replace('_', ' ')} {a}/{b}" for k, (a, b) in view.cv.items())
+        )
     layers = gate.feature_layers
-    print(f"gate layers: {', '.join(layers)}")
-    print(f"{'kind':<18}{'n':>4}  {'AUROC':>6} (95 % CI)      energy  rejected (95 % CI)")
+    print(f"gate layers: {', '.join(layers)}; threshold at {gate.threshold:.2f}")
+    print(
+        f"{'kind':<18}{'n':>4}  {'AUROC':>6} (95 % CI)      energy  refused (95 % CI)      by view"
+    )
     for kind, k in gate.kinds.items():
         per_layer = (
             "  " + " ".join(f"{v:.3f}" for v in k.layer_auroc.values()) if len(layers) > 1 else ""
@@ -77,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{kind:<18}{k.n:>4}  {k.auroc:6.3f} ({_interval(k.auroc_interval)})  "
             f"{k.energy_auroc:6.3f}  {k.rejection_rate:.3f} ({_interval(k.rejection_interval)})"
-            + per_layer
+            f"  {k.refused_by_view:>3}" + per_layer
         )
     result = {
         "ece": report.ece,
         "ece_uncalibrated": out.ece_uncalibrated,
         "labels_changed": out.labels_changed_by_calibration,
         "false_rejections_by": out.false_rejections_by,
+        "rejections_by_reason": out.rejections_by_reason,
+        "view_check": None if view is None else view.model_dump(mode="json"),
         "gate": gate.model_dump(),
     }
     print("RESULT " + json.dumps(result))

@@ -159,6 +159,11 @@ class DemoConfig(Config):
     data: str | None = Field(
         None, description="real data folder (manifest.csv layout); phantoms when absent"
     )
+    views: str | None = Field(
+        None,
+        description="view data folder (manifest.csv with a view column, e.g. "
+        "../shared/data/views): the short run fits the input gate's view check on it",
+    )
     workdir: str = Field("demo-output", description="where everything is written")
     phantoms_per_class: int = Field(60, ge=1, description="phantoms per class without --data")
     epochs: int = Field(
@@ -181,10 +186,16 @@ class CalibrateConfig(Config):
     )
     batch_size: int = Field(64, ge=1, description="images per forward pass")
     device: str | None = Field(None, description="cuda or cpu (default: cuda when available)")
+    views: str | None = Field(
+        None,
+        description="dataset whose rows state their view (lateral or frontal), e.g. an ingested "
+        "../shared/data/views: fits the gate's view check (default: keep the model's, if any)",
+    )
     gate_layer: list[str] = Field(
-        ["pool"],
+        [],
         description="the input gate's feature layer (pool: the head's input); give it more than "
-        "once for a multi-layer score, e.g. features.blocks.4 (see bench/gate_layers.py)",
+        "once for a multi-layer score, e.g. features.blocks.4 (see bench/gate_layers.py); "
+        "default: the backbone's (pool + features.blocks.5 for efficientnet_lite0)",
     )
 
     @field_validator("gate_layer", mode="before")

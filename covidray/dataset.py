@@ -102,6 +102,22 @@ def load_rows(data: str, augment_with: str | None = None) -> pd.DataFrame:
     return df
 
 
+def load_view_rows(data: str) -> pd.DataFrame:
+    """Every row of ``data`` whose ``view`` is stated, labelled or not (a view dataset such as
+    the ingested ``../shared/data/views``): columns image_id, uri (absolute), patient_id,
+    view. The view check's training data (:func:`covidray.posthoc.fit_outputs`)."""
+    df = read_manifest(data).to_pandas()
+    if "view" not in df.columns:
+        raise ValueError(f"{data}: no view column, so no view labels for the view check")
+    df = df[df["view"].notna() & (df["view"].astype(str).str.strip() != "")]
+    df = df[["image_id", "uri", "patient_id", "view"]].reset_index(drop=True)
+    if df.empty:
+        raise ValueError(f"{data}: no row states its view")
+    df["uri"] = _inside(manifest_base(data), list(df["uri"]))
+    df["patient_id"] = df["patient_id"].fillna("unknown").astype(str)
+    return df
+
+
 def training_data_hash(rows: pd.DataFrame) -> str:
     """sha256 over the sorted ``split, image_id, label`` lines of the train and val rows."""
     used = rows[rows["split"].isin(("train", "val"))]

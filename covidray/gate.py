@@ -1,6 +1,7 @@
 """The input gate: is this a frontal chest X-ray the model was built for?
 
-Two layers, reported on every prediction as ``in_scope``, ``gate_reason`` and ``ood_score``:
+Three layers, in this order, reported on every prediction as ``in_scope``, ``gate_reason``
+and ``ood_score`` (docs/gate.md):
 
 - **metadata** (:func:`metadata_reason`): DICOM ``Modality`` other than CR/DX (CT, MR, US,
   and secondary captures SC/OT, often screenshots), ``BodyPartExamined`` other than the chest,
@@ -9,17 +10,22 @@ Two layers, reported on every prediction as ``in_scope``, ``gate_reason`` and ``
 - **image** (:class:`GateStats`): the Mahalanobis distance of the model's spatially pooled
   activations from the training films', with a Ledoit-Wolf shrunk covariance (a few hundred
   films cannot fill a covariance of hundreds of dimensions), thresholded so that a chosen
-  share of the validation films (5 %) is refused. By default one layer, the head's input
-  (``pool``); with several (``feature_layers``), each layer's distance is standardised by its
-  mean and spread on the validation films and the sum is ``ood_score`` (Lee et al. 2018's
-  multi-layer score, without their tuning on outliers). Middle layers catch lateral films far
-  better but refuse many more heterogeneous in-scope films, most of them COVID and pneumonia
-  cases (``bench/gate_layers.py``), so they are a site's choice (``covidray calibrate
-  --gate-layer``), not the default. The energy score of the logits (:func:`energy`) is no
-  layer: measured beside the distance (``bench/trust.py``, ``bench/gate_layers.py --energy``)
-  it separated every out-of-scope kind worse and, as a second layer at the same validation
-  rejection, refused nothing the distance let through; its threshold is no longer stored.
-  Statistics live in ``gate.safetensors`` in the model directory.
+  share of the validation films (:data:`VAL_REJECTION`, 1 %: with 90 films, the farthest one
+  sets the threshold) is refused. With several layers (``feature_layers``), each layer's
+  distance is standardised by its mean and spread on the validation films and the sum is
+  ``ood_score`` (Lee et al. 2018's multi-layer score, without their tuning on outliers). The
+  default layers (:func:`default_gate_layers`) were re-chosen with the view check in place,
+  on the validation split and synthetic out-of-scope kinds only (``bench/gate_rule.py``,
+  docs/gate.md): for ``efficientnet_lite0`` the head's input plus ``features.blocks.5``; the
+  head's input (``pool``) alone for the other backbones (not measured). A site chooses others
+  with ``covidray calibrate --gate-layer``. The energy score of the logits (:func:`energy`) is
+  no layer: measured beside the distance (``bench/trust.py``, ``bench/gate_layers.py
+  --energy``) it separated every out-of-scope kind worse and, as a second layer at the same
+  validation rejection, refused nothing the distance let through; its threshold is no longer
+  stored. Statistics live in ``gate.safetensors`` in the model directory; a film refused here
+  has ``gate_reason`` ``ood_image``.
+- **view check** (:mod:`covidray.viewcheck`): of the films the distance lets through, those a
+  small classifier on the same forward pass's features calls lateral (``image_view:lateral``).
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 GATE_STATS_NAME = "gate.safetensors"
 FEATURE_LAYER = "pool"  # CxrClassifier.pool: the head's input; the one layer of early cards
-VAL_REJECTION = 0.05  # share of in-scope validation films the threshold may refuse
+VAL_REJECTION = 0.01  # share of in-scope validation films the threshold may refuse
+# The image distance's layers by backbone, chosen by bench/gate_rule.py (docs/gate.md)
+DEFAULT_GATE_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": (FEATURE_LAYER, "features.blocks.5"),
+}
+OOD_REASON = "ood_image"  # gate_reason of a film the image distance refuses
 
 IN_SCOPE_MODALITIES = frozenset({"CR", "DX"})
 CHEST = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT", "CXR"})
 LATERAL_OR_OBLIQUE = frozenset(
-    {"LL", "RL", "LAT", "LATERAL", "RLD", "LLD", "DECUBITUS", "OBL", "OBLIQUE"}
+    {"L", "LL", "RL", "LAT", "LATERAL", "RLD", "LLD", "DECUBITUS", "OBL", "OBLIQUE"}
     | {"RAO", "LAO", "RPO", "LPO", "RLO", "LLO"}
 )
 
@@ -56,7 +67,7 @@ class Gate(BaseModel):
     shrinkage: tuple[float, ...]  # Ledoit-Wolf's, per layer
     dims: tuple[int, ...]  # channels per layer
     fitted_on: str  # e.g. "train (494 images); threshold on val (107)"
-    val_rejection: float = VAL_REJECTION
+    val_rejection: float = 0.05  # cards written without it used 5 %; fit_gate sets it
     stats_file: str = GATE_STATS_NAME
     stats_sha256: str = ""
 
@@ -85,6 +96,11 @@ class Gate(BaseModel):
             return d[:, 0]
         mean, std = np.asarray(self.layer_scale, dtype=np.float64).T
         return ((d - mean) / np.maximum(std, 1e-12)).sum(axis=1)
+
+
+def default_gate_layers(backbone: str) -> tuple[str, ...]:
+    """The image distance's default feature layers for ``backbone``."""
+    return DEFAULT_GATE_LAYERS.get(backbone, (FEATURE_LAYER,))
 
 
 def metadata_reason(tags: dict[str, Any]) -> str | None:

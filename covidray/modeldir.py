@@ -10,6 +10,7 @@ A classifier::
     <uri>/per_class.md          per-class and subgroup tables per split
     <uri>/reliability.png       reliability diagram before and after calibration (when fitted)
     <uri>/gate.safetensors      the input gate's feature statistics (when fitted)
+    <uri>/view.safetensors      the gate's view check (when fitted with a view dataset)
 
 A CycleGAN generator::
 
@@ -20,8 +21,10 @@ The version (``model_version``, ``generator_version``) is the first 12 hex digit
 weights file's sha256; loading verifies the full digest, so a changed or corrupted weights
 file is refused with :class:`ModelLoadError`. A classifier's ``scoring_version`` hashes
 everything that changes its outputs besides the weights too (preprocessing, flip TTA,
-calibration, the gate and its statistics, :data:`SCORING_SCHEME`): the nightly job keys its
-rows by it. The card is written last: a directory with a card is complete.
+calibration, the gate and its statistics, the view check and its parameters, the fixed
+Grad-CAM scale, :data:`SCORING_SCHEME`): the nightly job keys its rows by it. The view check and
+the CAM scale enter the hash only when set, so a card from before them keeps its version.
+The card is written last: a directory with a card is complete.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .drift import OutputMix
 from .gate import Gate
 from .labels import CLASSES
 from .prepcard import LEGACY_PREPROCESSING, Preprocessing, describe
+from .viewcheck import ViewCheck, ViewCheckField
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +93,7 @@ class ModelCard(BaseModel):
     training_config: dict[str, Any] | None = None
     calibration: Calibration | None = None  # None: a card from before calibration (T = 1)
     gate: Gate | None = None  # the input gate's image layer; None: not fitted
+    view_check: ViewCheck | None = ViewCheckField  # the gate's frontal/lateral check
     # Fixed Grad-CAM scale of the COVID class (99th pct of its raw maps on val); None: unfitted
     cam_covid_scale: float | None = None
     # What the shipped Predictor answers on the validation split (refusals by reason, class
@@ -110,13 +115,21 @@ class ModelCard(BaseModel):
             "scheme": SCORING_SCHEME,
             "weights": self.weights_sha256,
             "classes": self.classes,
-            "preprocessing": self.preprocessing.model_dump(mode="json"),
+            # No contrast normalisation hashes as before the field existed.
+            "preprocessing": self.preprocessing.model_dump(
+                mode="json", exclude={"contrast"} if self.preprocessing.contrast == "none" else None
+            ),
             "tta_hflip": self.tta_hflip,
             "calibration": self.effective_calibration.model_dump(
                 mode="json", include={"method", "temperature", "scale", "bias"}
             ),
             "gate": None if self.gate is None else self.gate.model_dump(mode="json"),
         }
+        # Later parts hash only when present: the versions of cards without them stay.
+        if self.view_check is not None:
+            payload["view_check"] = self.view_check.model_dump(mode="json")
+        if self.cam_covid_scale is not None:
+            payload["cam_covid_scale"] = self.cam_covid_scale
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -148,20 +161,23 @@ class ModelCard(BaseModel):
 
 
 def code_version() -> str:
-    """``covidray.__version__`` plus the git commit of the source tree, when there is one."""
+    """``covidray.__version__`` plus the git commit of the source tree, when there is one, and
+    ``.dirty`` when tracked files differ from it (the commit alone would not reproduce)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{__version__}+git.{commit}" if commit else f"{__version__}+unknown"
+        commit, dirty = "", False
+    if not commit:
+        return f"{__version__}+unknown"
+    return f"{__version__}+git.{commit}" + (".dirty" if dirty else "")
 
 
 def weights_bytes(model: torch.nn.Module) -> bytes:
@@ -202,14 +218,16 @@ def save_model_dir(
     reports: dict[str, EvalReport] | None = None,
     *,
     gate_stats: bytes | None = None,
+    view_stats: bytes | None = None,
     reliability_png: bytes | None = None,
 ) -> ModelCard:
     """Write a model directory at ``uri``; returns the card as saved (with model_version).
 
     ``reports`` (split -> EvalReport) go into metrics.json, per_class.md, confusion.png (test,
     else val) and the card's ``metrics``, the val report's answers into ``drift_reference``;
-    ``gate_stats`` (``GateStats.to_bytes()``, with
-    ``card.gate`` set) into gate.safetensors, its digest into the card.
+    ``gate_stats`` (``GateStats.to_bytes()``, with ``card.gate`` set) into gate.safetensors and
+    ``view_stats`` (``ViewWeights.to_bytes()``, with ``card.view_check`` set) into
+    view.safetensors, their digests into the card.
     """
     data = weights_bytes(model)
     v = _versioned(data)
@@ -230,12 +248,19 @@ def save_model_dir(
             raise ValueError("gate statistics without a gate in the card")
         sha = hashlib.sha256(gate_stats).hexdigest()
         update["gate"] = card.gate.model_copy(update={"stats_sha256": sha})
+    if view_stats is not None:
+        if card.view_check is None:
+            raise ValueError("view check parameters without a view check in the card")
+        sha = hashlib.sha256(view_stats).hexdigest()
+        update["view_check"] = card.view_check.model_copy(update={"stats_sha256": sha})
     card = card.model_copy(update=update)
     ModelCard.model_validate(card.model_dump())  # fail before writing anything
     storage.makedirs(uri)
     storage.write_bytes(storage.join(uri, WEIGHTS_NAME), data)
     if gate_stats is not None:
         storage.write_bytes(storage.join(uri, card.gate.stats_file), gate_stats)
+    if view_stats is not None:
+        storage.write_bytes(storage.join(uri, card.view_check.stats_file), view_stats)
     if reliability_png is not None:
         storage.write_bytes(storage.join(uri, RELIABILITY_NAME), reliability_png)
     storage.write_text(storage.join(uri, METRICS_NAME), json.dumps(metrics, indent=2) + "\n")
@@ -272,6 +297,13 @@ def read_gate_stats(uri: str, card: ModelCard) -> bytes | None:
     if card.gate is None:
         return None
     return _read_verified(uri, card.gate.stats_file, card.gate.stats_sha256)
+
+
+def read_view_stats(uri: str, card: ModelCard) -> bytes | None:
+    """The verified bytes of the view check's parameters, or None without a view check."""
+    if card.view_check is None:
+        return None
+    return _read_verified(uri, card.view_check.stats_file, card.view_check.stats_sha256)
 
 
 def load_model_dir(

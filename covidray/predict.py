@@ -32,10 +32,11 @@ from torch import nn
 
 from .codec import u8_to_unit_tensor, unit_to_u8_tensor
 from .explain import GradCAM, cam_summary, normalize_cam
-from .gate import FEATURE_LAYER, GateStats
-from .modeldir import ModelCard, load_model_dir, read_gate_stats
+from .gate import FEATURE_LAYER, OOD_REASON, GateStats
+from .modeldir import ModelCard, load_model_dir, read_gate_stats, read_view_stats
 from .preprocess import to_model_input
 from .runtime.threads import physical_cores
+from .viewcheck import LATERAL_REASON, ViewWeights
 
 __all__ = [
     "BatchPrediction",
@@ -43,6 +44,7 @@ __all__ = [
     "Predictor",
     "default_device",
     "predict_probs",
+    "select_layers",
 ]
 
 ImageBatch = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
@@ -141,6 +143,7 @@ class Prediction:
     in_scope: bool = True
     gate_reason: str | None = None
     ood_score: float | None = None
+    lateral_prob: float | None = None  # the view check's P(lateral); None without one
 
     def prob(self, name: str) -> float:
         return float(self.probs[self.classes.index(name)])
@@ -154,6 +157,7 @@ class Prediction:
             "in_scope": self.in_scope,
             "gate_reason": self.gate_reason,
             "ood_score": self.ood_score,
+            "lateral_prob": self.lateral_prob,
         }
         if self.cam_raw is not None:
             out["cam"] = {
@@ -180,6 +184,9 @@ class BatchPrediction:
     ``cam_area``, ``cam_peak_y``, ``cam_peak_x``, ``cam_border_energy`` (B,) float32 from
     :func:`covidray.explain.cam_summary` of the map upsampled to the input. ``features``
     (B, D): the feature layers' spatially pooled outputs side by side, when asked for.
+    ``lateral_prob`` (B,): the view check's probability that the film is lateral (None
+    without a view check); ``gate_reason`` is ``ood_image`` (the image distance) or
+    ``image_view:lateral`` (the view check, for films the distance let through).
     """
 
     probs: np.ndarray
@@ -194,6 +201,7 @@ class BatchPrediction:
     ood_score: np.ndarray | None = None
     features: np.ndarray | None = None
     feature_dims: tuple[int, ...] | None = None  # each feature layer's columns, in order
+    lateral_prob: np.ndarray | None = None
     cam_raw: np.ndarray | None = None
     cam_area: np.ndarray | None = None
     cam_peak_y: np.ndarray | None = None
@@ -221,6 +229,7 @@ class BatchPrediction:
             in_scope=bool(self.in_scope[i]),
             gate_reason=self.gate_reason[i],
             ood_score=pick(self.ood_score),
+            lateral_prob=pick(self.lateral_prob),
         )
 
     def __iter__(self) -> Iterator[Prediction]:
@@ -250,9 +259,11 @@ class Predictor:
         card: its :class:`ModelCard` (classes, input size, version, flip TTA, calibration,
             input gate).
         gate_stats: the gate's feature statistics (``from_dir`` reads them); without them
-            every image is in scope and ``ood_score`` is None.
+            the image distance refuses nothing and ``ood_score`` is None.
+        view_weights: the view check's parameters (``from_dir`` reads them); without them no
+            film is refused as lateral and ``lateral_prob`` is None.
         gate_layers: the layers ``return_features`` pools without a gate (default: the head's
-            input, ``pool``); with a gate, the card's.
+            input, ``pool``); with a gate, the card's (then the view check's, if others).
         device: ``None`` picks CUDA when available, else the CPU.
         compile: ``torch.compile`` the backbone stages below the Grad-CAM target layer (the
             target layer and the head stay eager, so the CAM hook works unchanged).
@@ -281,6 +292,7 @@ class Predictor:
         copy: bool = True,
         gate_stats: GateStats | None = None,
         gate_layers: Sequence[str] | None = None,
+        view_weights: ViewWeights | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         if threads is None and self.device.type == "cpu":
@@ -297,6 +309,8 @@ class Predictor:
         self.calibration = card.effective_calibration
         self.gate = card.gate if gate_stats is not None else None
         self.gate_stats = gate_stats
+        self.view = card.view_check if view_weights is not None else None
+        self.view_weights = view_weights
         self.channels_last = channels_last
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
         self.amp_dtype = (
@@ -311,11 +325,13 @@ class Predictor:
         if copy:
             model = deepcopy(model)
         model = model.eval().to(self.device)
-        self.feature_layers = (
+        first = (
             tuple(self.gate.feature_layers)
             if self.gate is not None
             else tuple(gate_layers or (FEATURE_LAYER,))
         )
+        view_layers = tuple(self.view.feature_layers) if self.view is not None else ()
+        self.feature_layers = first + tuple(n for n in view_layers if n not in first)
         unfolded = [feature_module(model, n) for n in self.feature_layers]
         self.folded = fold_batchnorm(model) if fold_bn else 0
         if channels_last:
@@ -348,8 +364,10 @@ class Predictor:
         """Load the model directory ``uri`` (local or s3://; weights verified) onto ``device``."""
         model, card = load_model_dir(uri)
         stats = read_gate_stats(uri, card)
+        view = read_view_stats(uri, card)
         kwargs.setdefault("copy", False)
         kwargs.setdefault("gate_stats", GateStats.from_bytes(stats) if stats else None)
+        kwargs.setdefault("view_weights", ViewWeights.from_bytes(view) if view else None)
         return cls(model, card, device=device, compile=compile, amp=amp, **kwargs)
 
     def _compile_below_target(self) -> None:
@@ -427,7 +445,8 @@ class Predictor:
             if self.tta_hflip:
                 with torch.inference_mode():
                     flipped = self.model(x.flip(-1)).float()
-            with self._capture(feats, self.gate is not None or return_features):
+            gated = self.gate is not None or self.view is not None
+            with self._capture(feats, gated or return_features):
                 if with_cam:
                     res = self._cam(x, class_idx=class_idx)
                     logits = res.logits.float()
@@ -509,11 +528,27 @@ class Predictor:
     ) -> BatchPrediction:
         pred_np = pred.cpu().numpy()
         n = len(pred_np)
-        ood = None
+        ood = lateral = None
+        reasons: list[str | None] = [None] * n
         in_scope = np.ones(n, dtype=bool)
-        if self.gate is not None and self.gate_stats is not None and features is not None:
-            ood = self.gate.score(self.gate_stats.distances(features))
-            in_scope = ood <= self.gate.threshold
+        if features is not None and feature_dims is not None:
+            if self.gate is not None and self.gate_stats is not None:
+                mine = select_layers(
+                    features, self.feature_layers, feature_dims, self.gate.feature_layers
+                )
+                ood = self.gate.score(self.gate_stats.distances(mine))
+                far = ood > self.gate.threshold
+                reasons = [OOD_REASON if f else None for f in far]
+                in_scope &= ~far
+            if self.view is not None and self.view_weights is not None:
+                mine = select_layers(
+                    features, self.feature_layers, feature_dims, self.view.feature_layers
+                )
+                lateral = self.view_weights.lateral_probability(mine)
+                # After the distance: only films it let through are the view check's.
+                side = in_scope & (lateral > self.view.threshold)
+                reasons = [LATERAL_REASON if s else r for r, s in zip(reasons, side, strict=True)]
+                in_scope &= ~side
         return BatchPrediction(
             probs=probs.float().cpu().numpy(),
             labels=[
@@ -524,13 +559,28 @@ class Predictor:
             classes=self.classes,
             logits=logits.float().cpu().numpy(),
             in_scope=in_scope,
-            gate_reason=[None if ok else "ood_image" for ok in in_scope],
+            gate_reason=reasons,
             scoring_version=self.scoring_version,
             ood_score=ood,
             features=features if keep_features else None,
             feature_dims=feature_dims if keep_features else None,
+            lateral_prob=lateral,
             **cam,
         )
+
+
+def select_layers(
+    features: np.ndarray, layers: Sequence[str], dims: Sequence[int], wanted: Sequence[str]
+) -> np.ndarray:
+    """The columns of the ``wanted`` layers (a gate's or a view check's, in its order) from
+    feature rows whose ``layers`` (of ``dims`` channels each) sit side by side."""
+    layers = list(layers)
+    if list(wanted) == layers:
+        return features
+    edges = np.concatenate([[0], np.cumsum(dims)])
+    where = [layers.index(n) for n in wanted]
+    cols = [np.arange(edges[i], edges[i + 1]) for i in where]
+    return features[:, np.concatenate(cols)]
 
 
 def trunk_stages(model: nn.Module) -> list[str]:

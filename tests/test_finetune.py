@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from viewfilms import write_view_set
 
 from covidray.config import IngestConfig, SplitConfig
 from covidray.evaluation.evaluate import evaluate_model
@@ -55,15 +56,21 @@ def test_fine_tuning_beats_scratch_on_another_site(tmp_path: Path) -> None:
     site_b = _dataset(tmp_path, "site-b", 6, seed=1, style="b", split_seed=8)
     held_out = _dataset(tmp_path, "site-b-eval", 12, seed=2, style="b")
     parent = _train_parent(site_a, str(tmp_path / "parent"))
+    views = str(tmp_path / "views")
+    ingest(IngestConfig(src=write_view_set(tmp_path / "views-raw"), dest=views, size=SIZE))
 
     common = {"data": site_b, "epochs": 4, "batch_size": 8, "eval_batch_size": 16}
-    tuned = run_training(TrainConfig(**common, out=str(tmp_path / "tuned"), init_from=parent))
+    tuned = run_training(
+        TrainConfig(**common, out=str(tmp_path / "tuned"), init_from=parent, views=views)
+    )
     scratch = run_training(TrainConfig(**common, out=str(tmp_path / "scratch"), input_size=SIZE))
 
     card = read_card(tuned.model_uri)
     assert card.lineage[0]["model_version"] == read_card(parent).model_version
     assert card.preprocessing.input_size == SIZE and card.calibration is not None
     assert card.gate is not None and card.training_config["lr"] == 3e-5  # the fine-tune recipe
+    # Refitted on the new weights at the end of fine-tuning: the view check and the CAM scale.
+    assert card.view_check is not None and card.cam_covid_scale is not None
     f1_tuned = evaluate_model(tuned.model_uri, held_out, "all").macro_f1
     f1_scratch = evaluate_model(scratch.model_uri, held_out, "all").macro_f1
     print(f"macro-F1 on held-out site-b films: fine-tuned {f1_tuned:.3f}, scratch {f1_scratch:.3f}")

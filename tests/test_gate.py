@@ -299,21 +299,29 @@ def test_new_temperature_rescores_and_matches_evaluate(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def gated_model(tmp_path_factory, shared_cxr):
     """ImageNet Lite0 (a random head: the gate looks at the backbone's features) with its
-    calibration and gate fitted on the shared X-rays' train and val splits, at 224 px."""
+    calibration and gate fitted on the shared X-rays' train and val splits, and its view
+    check on ``../shared/data/views`` plus the training split, at 224 px."""
     from covidray.config import IngestConfig
-    from covidray.dataset import load_rows
+    from covidray.dataset import load_rows, load_view_rows
     from covidray.ingest import ingest
     from covidray.posthoc import fit_outputs
 
+    if not (SHARED / "views" / "manifest.csv").exists():
+        pytest.skip("no ../shared/data/views")
     root = tmp_path_factory.mktemp("gated")
-    ds = str(root / "ds")
+    ds, views = str(root / "ds"), str(root / "views")
     ingest(IngestConfig(src=str(shared_cxr), dest=ds, parallel_threshold=10**9))
+    ingest(IngestConfig(src=str(SHARED / "views"), dest=views, parallel_threshold=10**9))
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", weights="imagenet").eval()
     card = ModelCard.for_model(model, 224, 256, tta_hflip=True)
-    fitted = fit_outputs(model, card, load_rows(ds), device="cpu", batch_size=64)
+    fitted = fit_outputs(
+        model, card, load_rows(ds), device="cpu", batch_size=64, view_rows=load_view_rows(views)
+    )
     uri = str(root / "model")
-    save_model_dir(model, fitted.card, uri, gate_stats=fitted.gate_stats)
+    save_model_dir(
+        model, fitted.card, uri, gate_stats=fitted.gate_stats, view_stats=fitted.view_stats
+    )
     return uri, ds
 
 
@@ -333,6 +341,12 @@ def test_image_gate_refuses_ct_and_photographs_and_passes_chest_films(gated_mode
     assert figures.kinds["photograph"].rejection_rate >= 0.9
     assert figures.kinds["ct"].auroc >= 0.95 and figures.kinds["photograph"].auroc >= 0.95
     assert figures.false_rejection_rate <= 0.10  # 5 % on val; 104 test films: a wider margin
+    # The view check (fitted on ../shared/data/views, never on ../shared/data/ood): its
+    # cross-validated figures (folds by patient) and the evaluation set's laterals.
+    cv = predictor.card.view_check.cv
+    assert cv["view_set_frontals_refused"][0] == 0 and cv["other_frontals_refused"][0] <= 2
+    assert cv["laterals_refused"][0] >= 18 and cv["laterals_refused"][1] == 23
+    assert figures.kinds["lateral"].rejected >= 9 and figures.view_check
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -349,7 +363,8 @@ def test_nightly_job_marks_the_out_of_scope_folder(gated_model, tmp_path) -> Non
     assert len(refused) >= 0.9 * len(rows)
     assert all(r["label"] is None and r["status"] == "out_of_scope" for r in refused)
     assert all(r["prob_covid"] is not None for r in refused)  # scores kept: the image layer
-    assert {r["gate_reason"] for r in refused} == {"ood_image"}
+    assert {r["gate_reason"] for r in refused} <= {"ood_image", "image_view:lateral"}
+    assert all(r["gate_reason"] == "ood_image" for r in refused if "/ct/" in r["uri"])
 
 
 # ------------------------------------------------------------------ the gate's feature layers

@@ -24,11 +24,11 @@ from covidray.manifest import read_manifest
 from covidray.preprocess import resize_shorter_side
 from covidray.synth import write_phantoms
 
-EXPECTED = {"covid": 154, "pneumonia": 271, "normal": 280}
+EXPECTED = {"covid": 154, "pneumonia": 273, "normal": 283}
 
 
 def _check_real_manifest(df: pd.DataFrame, shared: Path) -> None:
-    assert len(df) == 705
+    assert len(df) == 710
     assert df["label"].value_counts().to_dict() == EXPECTED
     # no patient in two splits
     assert (df.groupby("patient_id")["split"].nunique() == 1).all()
@@ -61,7 +61,7 @@ def test_ingest_real_local_and_s3_agree(
     assert main(["ingest", str(shared_cxr), local]) == 0
     assert main(["ingest", str(shared_cxr), "s3://cxr/dev"]) == 0
     out = capsys.readouterr()
-    assert "705 images ingested" in out.err
+    assert "710 images ingested" in out.err
     df_local = read_manifest(local).to_pandas()
     df_s3 = read_manifest("s3://cxr/dev").to_pandas()
     _check_real_manifest(df_local, shared_cxr)

@@ -14,6 +14,7 @@ import uuid
 
 import numpy as np
 import pytest
+from viewfilms import write_view_set
 
 from covidray import storage
 from covidray.augment import AugmentConfig
@@ -247,8 +248,10 @@ def killed_run(ray_cluster, s3_server, phantom_raw, tmp_path_factory) -> dict:
 
     bucket = f"s3://train-killed-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket[5:])
-    data, out = f"{bucket}/ds", f"{bucket}/run"
+    data, out, views = f"{bucket}/ds", f"{bucket}/run", f"{bucket}/views"
     ingest(IngestConfig(src=phantom_raw, dest=data, size=64))
+    drawn = write_view_set(tmp_path_factory.mktemp("views-raw"))
+    ingest(IngestConfig(src=drawn, dest=views, size=64))
     marker = f"{bucket}/killed-once"
     yaml_path = tmp_path_factory.mktemp("train-cfg") / "train.yaml"
     yaml_path.write_text(
@@ -256,7 +259,7 @@ def killed_run(ray_cluster, s3_server, phantom_raw, tmp_path_factory) -> dict:
     )
     argv = ["train", "--data", data, "--out", out, "--weights", "none", "--epochs", "4"]
     argv += ["--workers", "2", "--input-size", "64", "--batch-size", "4", "--seed", "3"]
-    argv += ["--config", str(yaml_path)]
+    argv += ["--config", str(yaml_path), "--views", views]
 
     real_run_training = covidray.train.trainer.run_training
     runs: list[tuple[TrainConfig, object]] = []
@@ -322,6 +325,12 @@ def test_two_worker_training_and_model_dir(killed_run, capsys):
         m = card.metrics[split]
         assert m["n"] > 0 and math.isfinite(m["accuracy"]) and math.isfinite(m["macro_f1"])
     assert card.training_data_hash == training_data_hash(load_rows(data))
+    # Fitted at the end of training: the gate's view check (--views) and the CAM scale.
+    assert cfg.views == f"{killed_run['bucket']}/views"
+    assert card.view_check is not None and card.view_check.stats_sha256
+    assert card.view_check.cv["laterals_refused"][1] == 6
+    assert storage.exists(f"{model_uri}/view.safetensors")
+    assert card.cam_covid_scale is not None and card.cam_covid_scale > 0
 
     # The loaded model reproduces the predictions the trainer scored: the same labels, hence
     # identical counts and rates; probabilities may differ in the last float32 digits (the
@@ -372,3 +381,24 @@ def test_worker_killed_resumes_from_s3_checkpoint(killed_run):
     assert result.run_path.startswith(f"{bucket}/run/ray/")  # checkpoints went to S3
     checkpoints = [u for u in storage.walk_files(result.run_path) if u.endswith("state.pt")]
     assert 1 <= len(checkpoints) <= cfg.num_to_keep
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_same_data_and_seed_give_the_same_model_version(phantom_ds, tmp_path, capsys):
+    """Two runs of ``covidray train`` on the same data with the same seed (and the same thread
+    count, as on one machine) write bit-identical weights: the same ``model_version``. The
+    card records what else the weights depend on (library versions, threads, CPU)."""
+    from covidray.cli import main
+    from covidray.modeldir import read_card
+
+    versions = []
+    for run in ("a", "b"):
+        argv = ["train", "--data", phantom_ds, "--out", str(tmp_path / run), "--weights", "none"]
+        argv += ["--epochs", "2", "--input-size", "64", "--batch-size", "4", "--seed", "5"]
+        assert main(argv) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        versions.append(summary["model_version"])
+    assert versions[0] == versions[1]
+    env = read_card(str(tmp_path / "a" / "model")).training["environment"]
+    assert env["torch_threads"] >= 1 and env["torch"].startswith(("2.", "3."))
+    assert {"timm", "kornia", "numpy", "pillow", "cpu_capability"} <= set(env)

@@ -49,12 +49,19 @@ def run_demo(cfg: DemoConfig) -> int:
     step("ingest", "ingest")
     dataset = os.path.join(work, "dataset")
     run_ingest(IngestConfig(src=data, dest=dataset))
+    views = None
+    if cfg.views and storage.exists(storage.join(cfg.views, CSV_NAME)):
+        views = os.path.join(work, "views")  # unlabelled rows: the view check's films
+        run_ingest(IngestConfig(src=cfg.views, dest=views))
+    elif cfg.views:
+        console.print(f"no {CSV_NAME} in {cfg.views}: no view check")
 
     train_cfg = TrainConfig(
         data=dataset,
         out=os.path.join(work, "train"),
         epochs=cfg.epochs,
         input_size=cfg.input_size,
+        views=views,
     )
     tuned = TrainConfig.model_fields["epochs"].default
     step("train", f"train {train_cfg.backbone} ({train_cfg.weights} weights): SHORT DEMO RUN")
@@ -95,7 +102,7 @@ COMMANDS = (
         DemoConfig,
         cmd_demo,
         "run the main job end to end on local defaults",
-        {"main": "data workdir phantoms_per_class epochs input_size"},
+        {"main": "data views workdir phantoms_per_class epochs input_size"},
         config=False,
     ),
 )

@@ -281,6 +281,7 @@ def outputs_line(report: EvalReport) -> str:
         if out.false_rejection_rate is None
         else f"input gate refused {out.n_rejected}/{report.n} (false rejections "
         f"{_rate(out.n_rejected, report.n)})"
+        + "".join(f"; {k} {v}" for k, v in out.rejections_by_reason.items())
     )
     line = (
         f"Calibration: {cal['method']} T = {cal['temperature']:.2f}, {ece}, "

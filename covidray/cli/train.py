@@ -86,7 +86,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         cfg.out,
         device=cfg.device,
         batch_size=cfg.batch_size,
-        gate_layers=tuple(cfg.gate_layer),
+        gate_layers=tuple(cfg.gate_layer) or None,
+        views_uri=cfg.views,
     )
     cal = card.effective_calibration
     console.print(
@@ -94,12 +95,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"gate over {', '.join(card.gate.feature_layers)}, threshold {card.gate.threshold:.2f}; "
         f"scoring version {card.scoring_version}"
     )
+    if card.view_check is not None:
+        v = card.view_check
+        console.print(
+            f"view check over {', '.join(v.feature_layers)} ({v.fitted_on}); cross-validated "
+            "by patient: "
+            + ", ".join(f"{k.replace('_', ' ')} {a}/{b}" for k, (a, b) in v.cv.items())
+        )
+    console.print(f"COVID-19 Grad-CAM scale {card.cam_covid_scale:.4g} (val 99th percentile)")
     for split, report in reports.items():
         out = report.outputs
         console.print(
             f"[bold]{split}[/bold]: ECE {out.ece_uncalibrated:.3f} → {report.ece:.3f}, labels "
             f"changed {out.labels_changed_by_calibration}, gate false rejections "
             f"{out.n_rejected}/{report.n}"
+            + "".join(f", {k} {v}" for k, v in sorted(out.rejections_by_reason.items()))
         )
     print(json.dumps({"model": cfg.out or cfg.model, "scoring_version": card.scoring_version}))
     return 0
@@ -113,7 +123,7 @@ COMMANDS = (
         "train a classifier on Ray Train; writes <out>/model",
         {
             "main": "data out backbone weights epochs workers batch_size lr input_size seed "
-            "augment_with run_name"
+            "augment_with views run_name"
         },
     ),
     Command(
@@ -121,7 +131,7 @@ COMMANDS = (
         CalibrateConfig,
         cmd_calibrate,
         "fit calibration and the input gate of a model directory on a dataset",
-        {"main": "model data out"},
+        {"main": "model data views out"},
     ),
     Command(
         "evaluate",

@@ -4,6 +4,7 @@ metrics with subgroups, calibration and gate figures."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,18 +60,21 @@ def output_figures(
     rejected = int((~res.in_scope).sum())
     n = len(labels)
     cal = predictor.calibration
+    gated = predictor.gate is not None or predictor.view is not None
+    reasons = Counter(r for r in res.gate_reason if r)
     return OutputFigures(
         calibration={"method": cal.method, "temperature": cal.temperature, "note": cal.note},
         ece_interval=bootstrap(expected_calibration_error, res.probs, labels),
         ece_uncalibrated=expected_calibration_error(raw, labels),
         ece_uncalibrated_interval=bootstrap(expected_calibration_error, raw, labels),
         labels_changed_by_calibration=int((raw.argmax(1) != res.probs.argmax(1)).sum()),
-        false_rejection_rate=None if predictor.gate is None else rejected / n,
-        false_rejection_interval=None if predictor.gate is None else wilson(rejected, n),
+        false_rejection_rate=rejected / n if gated else None,
+        false_rejection_interval=wilson(rejected, n) if gated else None,
         n_rejected=rejected,
-        false_rejections_by={}
-        if predictor.gate is None
-        else _rejections_by(~res.in_scope, labels, predictor.classes, groups),
+        false_rejections_by=_rejections_by(~res.in_scope, labels, predictor.classes, groups)
+        if gated
+        else {},
+        rejections_by_reason=dict(sorted(reasons.items())),
         answers=OutputMix.of(res.labels, res.gate_reason),
     )
 

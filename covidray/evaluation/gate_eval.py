@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -19,8 +20,9 @@ from pydantic import BaseModel
 
 from ..decode import decode_array
 from ..gate import energy
-from ..predict import Predictor
+from ..predict import Predictor, select_layers
 from ..preprocess import contrast_method, prepare_array
+from ..viewcheck import LATERAL_REASON
 from .intervals import auroc, bootstrap, wilson
 
 PHOTOGRAPHS = (
@@ -48,17 +50,20 @@ class KindFigures(BaseModel):
     auroc_interval: tuple[float, float] | None  # bootstrap 95 %
     energy_auroc: float  # the energy score, for comparison
     layer_auroc: dict[str, float] = {}  # each feature layer's distance alone, for comparison
-    rejected: int  # above the model's threshold
+    rejected: int  # refused by the image gate: the distance, then the view check
+    refused_by_view: int = 0  # of those, by the view check (image_view:lateral)
     rejection_rate: float
     rejection_interval: tuple[float, float] | None  # Wilson 95 %
 
 
 class GateEvaluation(BaseModel):
     n_in_scope: int
-    false_rejection_rate: float
+    false_rejection_rate: float  # the image gate's: distance and view check
     false_rejection_interval: tuple[float, float] | None
+    false_rejections_by_view: int = 0  # in-scope films the view check called lateral
     threshold: float
     feature_layers: tuple[str, ...]
+    view_check: bool = False  # whether the model has one
     kinds: dict[str, KindFigures]
 
 
@@ -166,13 +171,30 @@ def out_of_scope_sets(films: Sequence[bytes], ood: Path | None) -> dict[str, lis
     return kinds
 
 
-def _scores(predictor: Predictor, images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, ...]:
-    """``ood_score``, the energy score and each layer's distance ``(N, L)`` of ``images``."""
+class _Scores(NamedTuple):
+    ood: np.ndarray  # ood_score
+    energy: np.ndarray
+    layers: np.ndarray  # each gate layer's distance (N, L)
+    refused: np.ndarray  # by the image gate (distance, then view check)
+    by_view: np.ndarray  # by the view check
+
+
+def _scores(predictor: Predictor, images: Sequence[bytes | np.ndarray]) -> _Scores:
+    """The gate's scores and verdicts on ``images``."""
     batch = model_inputs(predictor, images)
     res = predictor.predict_many(batch, 32, with_cam=False, return_features=True)
-    if predictor.gate_stats is None or res.features is None:
+    if predictor.gate_stats is None or res.features is None or res.feature_dims is None:
         raise ValueError("the model has no input gate: fit one (covidray calibrate)")
-    return res.ood_score, energy(res.logits), predictor.gate_stats.distances(res.features)
+    mine = select_layers(
+        res.features, predictor.feature_layers, res.feature_dims, predictor.gate.feature_layers
+    )
+    return _Scores(
+        res.ood_score,
+        energy(res.logits),
+        predictor.gate_stats.distances(mine),
+        ~res.in_scope,
+        np.array([r == LATERAL_REASON for r in res.gate_reason], dtype=bool),
+    )
 
 
 def evaluate_gate(
@@ -185,33 +207,36 @@ def evaluate_gate(
     if predictor.gate is None:
         raise ValueError("the model has no input gate: fit one (covidray calibrate)")
     gate = predictor.gate
-    ins, ins_energy, ins_layers = _scores(predictor, in_scope)
-    rejected_in = int((ins > gate.threshold).sum())
+    ins = _scores(predictor, in_scope)
+    rejected_in = int(ins.refused.sum())
     figures = {}
     for kind, images in kinds.items():
         if not images:
             continue
-        out, out_energy, out_layers = _scores(predictor, images)
-        rejected = int((out > gate.threshold).sum())
+        out = _scores(predictor, images)
+        rejected = int(out.refused.sum())
         figures[kind] = KindFigures(
-            n=len(out),
-            auroc=auroc(ins, out),
-            auroc_interval=_auroc_interval(ins, out),
-            energy_auroc=auroc(ins_energy, out_energy),
+            n=len(out.ood),
+            auroc=auroc(ins.ood, out.ood),
+            auroc_interval=_auroc_interval(ins.ood, out.ood),
+            energy_auroc=auroc(ins.energy, out.energy),
             layer_auroc={
-                name: auroc(ins_layers[:, i], out_layers[:, i])
+                name: auroc(ins.layers[:, i], out.layers[:, i])
                 for i, name in enumerate(gate.feature_layers)
             },
             rejected=rejected,
-            rejection_rate=rejected / len(out),
-            rejection_interval=wilson(rejected, len(out)),
+            refused_by_view=int(out.by_view.sum()),
+            rejection_rate=rejected / len(out.ood),
+            rejection_interval=wilson(rejected, len(out.ood)),
         )
     return GateEvaluation(
-        n_in_scope=len(ins),
-        false_rejection_rate=rejected_in / len(ins),
-        false_rejection_interval=wilson(rejected_in, len(ins)),
+        n_in_scope=len(ins.ood),
+        false_rejection_rate=rejected_in / len(ins.ood),
+        false_rejection_interval=wilson(rejected_in, len(ins.ood)),
+        false_rejections_by_view=int(ins.by_view.sum()),
         threshold=gate.threshold,
         feature_layers=gate.feature_layers,
+        view_check=predictor.view is not None,
         kinds=figures,
     )
 

@@ -118,6 +118,8 @@ class OutputFigures(BaseModel):
     false_rejections_by: dict[str, dict[str, tuple[int, int]]] = {}
     # The answers: refusals by reason, predicted classes (a model card's drift reference).
     answers: OutputMix | None = None
+    # Refusals by gate_reason (ood_image: the image distance; image_view:lateral: the view check)
+    rejections_by_reason: dict[str, int] = {}
 
 
 class EvalReport(BaseModel):

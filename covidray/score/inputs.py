@@ -29,7 +29,7 @@ ITEM_SCHEMA = pa.schema(
         pa.field("size", pa.int64()),
         # The DICOM header fields a dataset row keeps for the input gate's metadata layer
         # (ingest stores normalised PNGs, so the gate reads them here, not from the file).
-        pa.field("view", pa.string()),
+        pa.field("view", pa.string()),  # a manifest's view position (a header's when read)
         pa.field("modality", pa.string()),
         pa.field("body_part", pa.string()),
         pa.field("error", pa.string()),  # set: not to be read (bad_path), a failed row
@@ -120,6 +120,7 @@ def list_inputs(cfg: ScoreConfig, done: set[str]) -> tuple[str, pa.Table, int]:
             "patient_id": [None] * n,
             "study_day": [None] * n,
             "study_date": [None] * n,
+            "view": [None] * n,
             "size": sizes,
             **{name: [None] * n for name in GATE_COLUMNS},
             "error": [None] * n,

@@ -50,7 +50,10 @@ SCHEMA = pa.schema(
         pa.field("label", pa.string()),  # predicted class; null when out of scope
         pa.field("status", pa.string()),  # scored | out_of_scope | failed | retry
         pa.field("in_scope", pa.bool_()),  # the input gate's verdict
-        pa.field("gate_reason", pa.string()),  # modality:CT, view:LL, ood_image, ...
+        # modality:CT, view:LL (the header), ood_image (the image distance), image_view:lateral
+        # (the view check: the image decides even when the header said PA or AP)
+        pa.field("gate_reason", pa.string()),
+        pa.field("view", pa.string()),  # the header's (or manifest's) view position, as given
         pa.field("ood_score", pa.float32()),  # the gate's image-layer score
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("scoring_version", pa.string()),  # weights + every card field that matters

@@ -73,6 +73,9 @@ def read_decode(
     ids: list[str | None] = [None if i is None else str(i) for i in batch["image_id"]]
     patients = [None if p is None else str(p) for p in batch["patient_id"]]
     dates = [None if d is None else str(d) for d in batch["study_date"]]
+    views = (
+        [None if v is None else str(v) for v in batch["view"]] if "view" in batch else [None] * n
+    )
     status, errors, details = [PENDING] * n, [None] * n, [None] * n
     gate_reasons: list[str | None] = [None] * n
     pixels = np.zeros((n, size, size), dtype=np.uint8)
@@ -116,6 +119,8 @@ def read_decode(
         if status[i] != PENDING:
             continue
         tags = _dicom_tags(data) or _row_tags(batch, i)
+        if tags.get("view"):
+            views[i] = str(tags["view"])  # kept beside the image's own verdict
         reason = metadata_reason(tags)
         if reason is not None:  # out of scope before any pixel reaches the model
             status[i], gate_reasons[i] = results.OUT_OF_SCOPE, reason
@@ -152,6 +157,7 @@ def read_decode(
             "study_date": pa.array(dates, pa.string()),
             "status": pa.array(status, pa.string()),
             "gate_reason": pa.array(gate_reasons, pa.string()),
+            "view": pa.array(views, pa.string()),
             "error": pa.array(errors, pa.string()),
             "error_detail": pa.array(details, pa.string()),
             "t_read": pa.array([t_read] * n, pa.float64()),
@@ -252,6 +258,7 @@ class ScoreWorker:
                 ("patient_id", pa.string()),
                 ("study_day", pa.float32()),
                 ("study_date", pa.string()),
+                ("view", pa.string()),
                 ("error", pa.string()),
                 ("error_detail", pa.string()),
                 ("t_read", pa.float64()),

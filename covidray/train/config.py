@@ -82,6 +82,11 @@ class TrainConfig(Config):
     augment_with: str | None = Field(
         None, description="dataset/manifest of extra (e.g. synthetic) rows, added to TRAIN only"
     )
+    views: str | None = Field(
+        None,
+        description="dataset whose rows state their view (lateral or frontal, labelled or not, "
+        "e.g. an ingested ../shared/data/views): fits the input gate's view check",
+    )
 
     # Recipe options against source shortcuts (docs/source-study.md); every one off by default.
     contrast: Literal["none", "clahe", "equalize"] = Field(
@@ -139,7 +144,9 @@ class TrainConfig(Config):
             data = {**data, "freeze": freeze}
         return data
 
-    @field_validator("weights", "weights_sha256", "augment_with", "init_from", mode="before")
+    @field_validator(
+        "weights", "weights_sha256", "augment_with", "init_from", "views", mode="before"
+    )
     @classmethod
     def _none_words(cls, v: object) -> object:
         if isinstance(v, str) and v.strip().lower() in ("", "none", "null", "random"):

@@ -16,14 +16,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from .. import storage
-from ..dataset import load_rows, shorter_side, training_data_hash
+from ..dataset import load_rows, load_view_rows, shorter_side, training_data_hash
 from ..evaluation.evaluate import evaluate_val_test
-from ..gate import GateStats
 from ..heldout import held_out_sources
 from ..labels import CLASSES
 from ..modeldir import WEIGHTS_NAME, ModelCard, read_card, save_model_dir
 from ..posthoc import fit_outputs
-from ..predict import Predictor
 from ..preprocess import check_card, contrast_method
 from ..runtime.cluster import call_on_worker
 from ..runtime.threads import threads_per_worker
@@ -65,6 +63,8 @@ def run_training(
     started = time.time()
     cfg, parent = resolve_parent(cfg)
     rows = load_rows(cfg.data, cfg.augment_with)  # fail fast, before any worker starts
+    if cfg.views:
+        load_view_rows(cfg.views)
     side = shorter_side(rows)  # one ingest normalisation for the whole card, or a refusal
     if parent is not None and side != parent.preprocessing.shorter_side:
         raise ValueError(
@@ -130,6 +130,42 @@ def lineage(parent: ModelCard) -> list[dict[str, Any]]:
     return [entry, *parent.lineage]
 
 
+def training_environment(cfg: TrainConfig) -> dict[str, Any]:
+    """What the weights depend on besides the data, the config and the code: library
+    versions, the workers' torch threads (a different count sums in another order) and the
+    CPU's vector extensions (oneDNN picks its kernels by them)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "torch": torch.__version__,
+        **{n: installed(n) for n in ("torchvision", "timm", "kornia", "numpy", "pillow", "ray")},
+        "torch_threads": cfg.torch_threads or threads_per_worker(cfg.workers),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_model() or platform.machine(),
+    }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux), e.g. ``AMD EPYC``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def finalize_run(
     cfg_dump: dict[str, Any], checkpoint: Any, run_path: str, use_gpu: bool, started: float
 ) -> TrainResult:
@@ -167,17 +203,24 @@ def finalize_run(
             "use_gpu": use_gpu,
             "run_path": run_path,
             "counts": {f"{s}/{lab}": int(n) for (s, lab), n in counts.items()},
+            "environment": training_environment(cfg),
             "history": history,
         },
         training_config=cfg.model_dump(mode="json"),
         lineage=lineage(read_card(cfg.init_from)) if cfg.init_from else [],
     )
-    # Calibration on val, the input gate on train and val; then val and test through the
-    # Predictor that ships (calibrated, gated), as the nightly job and the endpoint run it.
-    fitted = fit_outputs(model, unfitted, rows, device=device, batch_size=cfg.eval_batch_size)
-    predictor = Predictor(
-        model, fitted.card, device=device, gate_stats=GateStats.from_bytes(fitted.gate_stats)
+    # Calibration on val, the input gate on train and val (its view check with --views), the
+    # CAM scale on val; then val and test through the Predictor that ships (calibrated,
+    # gated), as the nightly job and the endpoint run it.
+    fitted = fit_outputs(
+        model,
+        unfitted,
+        rows,
+        device=device,
+        batch_size=cfg.eval_batch_size,
+        view_rows=load_view_rows(cfg.views) if cfg.views else None,
     )
+    predictor = fitted.predictor(model, device)
     reports = evaluate_val_test(
         predictor, rows, batch_size=cfg.eval_batch_size, held_out=held_out_sources(cfg.data)
     )
@@ -188,6 +231,7 @@ def finalize_run(
         model_uri,
         reports,
         gate_stats=fitted.gate_stats,
+        view_stats=fitted.view_stats,
         reliability_png=fitted.reliability,
     )
     return TrainResult(
