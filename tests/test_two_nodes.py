@@ -32,6 +32,7 @@ from scorefiles import read_lock
 
 from covidray import storage
 from covidray.cli import main
+from covidray.modeldir import read_card
 from covidray.runtime.config import JobsConfig
 from covidray.runtime.jobs import Jobs
 
@@ -198,7 +199,13 @@ def test_train_and_score_on_two_nodes_from_s3_like_one_node(
     n = storage.read_parquet(f"{dataset}/manifest.parquet").num_rows
     assert len(a) == len(b) == n and list(a.index) == list(b.index)
     assert a["error"].isna().all()
-    # Labels (null where the input gate refused a phantom of this 1-epoch model) and verdicts.
-    for column in ("label", "in_scope", "gate_reason"):
-        assert a[column].fillna("-").tolist() == b[column].fillna("-").tolist(), column
     np.testing.assert_allclose(a[list(PROBS)].to_numpy(), b[list(PROBS)].to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(a["ood_score"], b["ood_score"], rtol=1e-3, atol=1e-3)
+    # Labels (null where the input gate refused a phantom of this 1-epoch model) and verdicts:
+    # equal, except for a film whose image distance lies on the gate's threshold (at 1 % of
+    # val, the farthest val film's), where float sums in another thread layout may tip it.
+    threshold = read_card(model).gate.threshold
+    on_threshold = (a["ood_score"] - threshold).abs() <= 1e-3 * max(1.0, abs(threshold))
+    for column in ("label", "in_scope", "gate_reason"):
+        differs = a[column].fillna("-") != b[column].fillna("-")
+        assert not (differs & ~on_threshold).any(), (column, a[differs], b[differs])
