@@ -73,22 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     val = select_split(rows, "val")
     views = load_view_rows(args.views)
 
-    def outputs(images: list) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    def outputs(images: list) -> tuple[np.ndarray, tuple[int, ...]]:
         batch = model_inputs(predictor, images)
         res = predictor.predict_many(batch, 32, with_cam=False, return_features=True)
-        return res.features, res.logits, res.feature_dims
+        return res.features, res.feature_dims
 
     if args.cache is not None and args.cache.exists():
         saved = np.load(args.cache)
-        f_train, f_val, l_val, f_views = (saved[k] for k in ("train", "val", "val_logits", "views"))
+        f_train, f_val, f_views = (saved[k] for k in ("train", "val", "views"))
         dims = tuple(int(d) for d in saved["dims"])
         f_kinds = {k[5:]: saved[k] for k in saved.files if k.startswith("kind.")}
     else:
         from covidray.decode import decode_array
 
         val_bytes = [read_bytes(u) for u in val["uri"]]
-        f_train, _, dims = outputs([read_bytes(u) for u in train["uri"]])
-        f_val, l_val, _ = outputs(val_bytes)
+        f_train, dims = outputs([read_bytes(u) for u in train["uri"]])
+        f_val, _ = outputs(val_bytes)
         val_u8 = [(decode_array(b) * 255).round().astype("uint8") for b in val_bytes]
         kinds = {
             "photograph": skimage_images(PHOTOGRAPHS),
@@ -102,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                 args.cache,
                 train=f_train,
                 val=f_val,
-                val_logits=l_val,
                 views=f_views,
                 dims=np.array(dims),
                 **{f"kind.{k}": v for k, v in f_kinds.items()},
