@@ -1,34 +1,52 @@
 """Scoring throughput on the CPU: forward pass, our predict + Grad-CAM, a naive research-script
-pipeline, and the full Ray Data job reading a moto S3 server and reading a local folder, on the
-same images, for each model of ``--models`` (default: the default model, efficientnet_lite0 at
-320 px, then EfficientNet-B0 at 224 px).
+pipeline, and the full Ray Data job reading a local folder and a moto S3 server, on the same
+images, for each model of ``--models`` (default: the default model, efficientnet_lite0 at 320 px
+with the flip TTA that training ships, then EfficientNet-B0 at 224 px).
 
-    .venv/bin/python bench/score.py [--n 512] [--batch-size 32] [--models lite0:320,b0:224]
+    .venv/bin/python bench/score.py [--rounds 3] [--n 512] [--models lite0:320,b0:224,RUN/model]
                                     [--skip naive,job,local,bf16]
 
+The arms, each measured in every round:
+
 (a) forward: the model alone on pre-decoded uint8 batches (channels_last, inference_mode,
-    torch threads = physical cores). RESULT key ``predict_img_s``.
-(b) predict+CAM: ``Predictor.predict`` on the same batches (probabilities, labels, Grad-CAM,
-    CAM summaries), same settings, BatchNorm folded. ``predict_cam_img_s``; the same without
-    folding (``fold_bn=False``) is ``predict_cam_nofold_img_s``.
+    torch threads = physical cores). ``predict_img_s``.
+(b) predict+CAM: ``Predictor.predict`` on the same batches (probabilities, labels, Grad-CAM, CAM
+    summaries; the card's flip TTA, calibration, input gate and view check), BatchNorm folded.
+    ``predict_cam_img_s``; the same without folding (``fold_bn=False``) is
+    ``predict_cam_nofold_img_s``, without CAM ``predict_nocam_img_s``.
 (c) naive: the same weights in the default memory format, batch size 1, per-image PIL load and
     torchvision transforms, a pytorch-grad-cam ``GradCAM`` call and a second forward pass for
-    the label. ``naive_img_s``.
-(d) job: ``covidray score`` (Ray Data) with its defaults (one scoring actor with a thread per
-    core; ``--job-workers``/``--job-threads`` to change that) reading the PNGs from a moto S3
-    server (a process of its own, whose CPU time is measured) and writing predictions back,
-    counted from the first image read to the last row written. ``job_img_s``.
-(d') the same job reading the PNGs from a local folder and writing there. ``job_local_img_s``.
+    the label. ``naive_img_s``. Slow, so it runs on the first ``--slow-n`` images (as does the
+    bf16 arm, (b) with bf16 autocast, not the CPU default).
+(d') job, local: ``covidray score`` (Ray Data) with its defaults (one scoring actor with a
+    thread per core; ``--job-workers``/``--job-threads`` to change that) reading the PNGs from
+    a local folder and writing there, counted from the first image read to the last row
+    written (actor start and model load excluded). ``job_local_img_s``.
+(d) job, S3: the same reading from and writing to a moto S3 server (a process of its own, whose
+    CPU time is measured: on real S3 that work runs elsewhere). ``job_img_s``.
 
-(a), (b) and (c) run interleaved, batch by batch in rotating order, so that a change in the
-load of a shared machine affects them alike; the jobs cannot be interleaved, so (b) is measured
-on the job's images right before and right after each job, and ``job_ratio`` (S3) and
-``job_ratio_local`` are the job over the mean of its two. On S3 the server runs on the same
-two cores: ``s3_server_cpu_ms_per_image`` and ``s3_server_cpu_share`` (its CPU seconds over
-the job's elapsed time × logical CPUs) say how much of the machine it took. Also shown: predict
-without CAM, and predict + CAM with bf16 autocast (not the default). Random weights with the
-head re-initialised so logits are not ~0. The last line is ``RESULT {json}``: the default
-model's figures at the top level, every model's under ``models``.
+How it is measured. ``--rounds`` rounds (default 3); in each, every arm runs as one block, the
+order rotating from round to round, so a change of load on a shared machine hits every arm
+alike. Every block starts with one untimed batch of its own: a process that sat idle for a
+second or more (here: while the other arm ran) pays for its first batch again, because this
+machine's VM hands freed memory back to its host (virtio-balloon free-page reporting) and the
+next batch page-faults it in (0.2 s of kernel time per batch of 32 becomes 1.5-1.9 s; (b) at a
+third of its speed after a 4 s pause, measured). Interleaving (b) and (c) batch by batch, as
+this bench did before, measured (b) only in that state. Each job runs between two blocks of (b)
+on the job's own images.
+
+How each ratio is formed, per round, then summarised over rounds (median, min, max):
+``cam_ratio`` = (b)/(a); ``fold_gain`` = (b)/(b unfolded); ``vs_naive`` = (b)/(c);
+``job_ratio_local`` = (d') over the mean of the (b) blocks right before and after it;
+``job_ratio`` = (d) likewise. Each job also reports where its time went
+(``ScoreResult.stage_s``: list, fetch, decode, model, encode, write) and how busy its actor was.
+
+A ``--models`` entry is ``backbone:size`` (random weights, head re-initialised so logits are not
+~0, the card's TTA as training ships it) or a trained model directory (its own card: gate and
+view check included). The machine line (CPU model, cores, load before and after, torch threads,
+OpenMP wait policy, allocator setting) is printed first and is in RESULT (``machine``); the last
+line is ``RESULT {json}``: the first model's figures at the top level, every model's under
+``models``; every rate and ratio as ``{median, min, max, rounds}``.
 """
 
 from __future__ import annotations
@@ -56,12 +74,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from covidray import storage  # noqa: E402
-from covidray.codec import u8_to_unit_tensor, unit_to_u8_tensor  # noqa: E402
-from covidray.decode import decode_image  # noqa: E402
-from covidray.modeldir import ModelCard, save_model_dir  # noqa: E402
+from covidray.codec import u8_to_unit_tensor  # noqa: E402
+from covidray.decode import decode_array  # noqa: E402
+from covidray.modeldir import ModelCard, load_model_dir, read_card, save_model_dir  # noqa: E402
 from covidray.models import build_model  # noqa: E402
 from covidray.predict import Predictor  # noqa: E402
-from covidray.preprocess import to_model_input  # noqa: E402
+from covidray.preprocess import contrast_method, prepare_array  # noqa: E402
 from covidray.runtime.cluster import reexec_with_malloc_tunables  # noqa: E402
 from covidray.runtime.threads import physical_cores  # noqa: E402
 
@@ -86,13 +104,32 @@ ALIASES = {"lite0": "efficientnet_lite0", "b0": "efficientnet_b0"}
 
 
 def make_model(backbone: str, size: int) -> tuple[torch.nn.Module, ModelCard]:
+    """Random weights (head re-initialised so logits are not ~0), and a card with the flip TTA
+    as training ships it (``TrainConfig.tta_hflip``): the default model's compute."""
+    from covidray.train.config import TrainConfig
+
     torch.manual_seed(0)
     model = build_model(backbone, weights=None)
     for m in model.head.modules():
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, std=0.5)
             torch.nn.init.zeros_(m.bias)
-    return model.eval(), ModelCard.for_model(model, size)
+    tta = TrainConfig.model_fields["tta_hflip"].default
+    return model.eval(), ModelCard.for_model(model, size, tta_hflip=tta)
+
+
+def model_source(spec: str, work: Path) -> tuple[str, Path]:
+    """``(label, local model directory)`` for a ``--models`` entry: a trained model directory
+    as it is, or ``backbone:size`` saved with random weights under ``work``."""
+    if Path(spec).is_dir():
+        card = read_card(spec)
+        return f"{card.backbone}@{card.preprocessing.input_size} ({card.model_version})", Path(spec)
+    name, size = spec.split(":")
+    backbone = ALIASES.get(name, name)
+    model, card = make_model(backbone, int(size))
+    out = work / f"{backbone}-{size}"
+    save_model_dir(model, card, str(out))
+    return f"{backbone}@{size}", out
 
 
 def timed(fn) -> float:
@@ -129,70 +166,6 @@ class Naive:
                 probs = self.net(x).softmax(dim=1)  # a second pass for the label
             out.append((int(probs.argmax()), float(heatmap.mean())))
         return out
-
-
-def interleaved(methods: dict, n_batches: int, label: str) -> dict[str, float]:
-    """Seconds per method over all batches, measured batch by batch in rotating order.
-
-    Every method runs on batch i before any runs on batch i + 1, so a change in the load of a
-    shared machine hits all of them alike and their ratios stay meaningful.
-    """
-    total = dict.fromkeys(methods, 0.0)
-    keys = list(methods)
-    for i in range(n_batches):
-        order = keys[i % len(keys) :] + keys[: i % len(keys)]
-        for k in order:
-            total[k] += timed(lambda k=k, i=i: methods[k](i))
-        rates = ", ".join(f"{k} {i + 1} batches in {t:.1f} s" for k, t in total.items())
-        print(f"  {label}: {rates}", flush=True)
-    return total
-
-
-def bench_inline(
-    model: torch.nn.Module,
-    card: ModelCard,
-    batches: list[torch.Tensor],
-    blob_batches: list[list[bytes]],
-    naive: bool,
-    bf16: bool = True,
-) -> tuple[dict[str, float], int]:
-    """Seconds per method over all images, in two interleaved passes: (a) and the (b) variants
-    together, then (b) against (c). The naive pipeline's allocations (PIL, OpenCV, batch-1
-    tensors) slowed the forward pass that ran between them by a third here, so each ratio
-    comes from a pass of its own; ``b`` is from the first pass, ``b_with_c`` the second."""
-    predictor = Predictor(model, card, device="cpu", threads=physical_cores())
-    net = predictor.model  # the same module: channels_last, eval, BatchNorm folded
-    amp = Predictor(model, card, device="cpu", threads=physical_cores(), amp=True)
-    nofold = Predictor(model, card, device="cpu", threads=physical_cores(), fold_bn=False)
-    print(f"  BatchNorm layers folded: {predictor.folded}", flush=True)
-
-    def forward(i: int) -> None:
-        with torch.inference_mode():
-            net(u8_to_unit_tensor(batches[i]).contiguous(memory_format=torch.channels_last))
-
-    def ours(i: int) -> None:
-        predictor.predict(batches[i], with_cam=True)
-
-    methods = {
-        "a": forward,
-        "b": ours,
-        "b_nocam": lambda i: predictor.predict(batches[i], with_cam=False),
-        "b_nofold": lambda i: nofold.predict(batches[i], with_cam=True),
-    }
-    if bf16:  # ~20x slower than fp32 on a CPU without bf16 units: half the bench's time here
-        methods["b_bf16"] = lambda i: amp.predict(batches[i], with_cam=True)
-    # Warm-up: oneDNN primitives for each batch shape, lazy imports.
-    shapes = {0, len(batches) - 1} if len(batches[-1]) != len(batches[0]) else {0}
-    for fn in methods.values():
-        for i in sorted(shapes):
-            fn(i)
-    total = interleaved(methods, len(batches), "(a), (b)")
-    if naive:
-        lib = Naive(model, predictor.input_size)
-        lib(blob_batches[0][:1])  # warm-up on one image
-        pair = {"b_with_c": ours, "c": lambda i: lib(blob_batches[i])}
-        total.update(interleaved(pair, len(batches), "(b), (c)"))
-    return total, predictor.folded
 
 
 # ---------------------------------------------------------------------------- (d)
@@ -254,7 +227,9 @@ def run_job(
     assert result.n_errors == 0 and result.n_scored > 0, result
     return {
         "img_s": result.img_per_s,
-        "n": result.n_scored,
+        "stage_s": result.stage_s,
+        "actor_busy": result.actor_busy,
+        "n": result.n_scored + result.n_out_of_scope,  # through the model, gated or not
         "elapsed_s": result.elapsed_s,
         "startup_s": result.startup_s,
         "wall_s": result.wall_s,
@@ -264,179 +239,273 @@ def run_job(
     }
 
 
-def bench_jobs(
-    tag: str,
-    model: torch.nn.Module,
-    card: ModelCard,
-    blobs: list[bytes],
-    decoded: torch.Tensor,
-    batch_size: int,
-    s3: S3Server,
-    workers: int | None,
-    threads: int | None,
-    skip: set[str],
-) -> dict[str, dict]:
-    """(d) on S3 and (d') on a local folder, each between two measures of (b) on its images."""
-    bs = batch_size
-    all_batches = list(torch.split(decoded, bs))
-    again = Predictor(model, card, device="cpu", threads=physical_cores())
-    again.predict(all_batches[0])
-
-    def b_rate() -> float:
-        return len(blobs) / timed(lambda: [again.predict(x) for x in all_batches])
-
-    out: dict[str, dict] = {}
-    rates = [b_rate()]
-    print(f"(b) on all {len(blobs)} images before the jobs: {rates[-1]:.1f} img/s", flush=True)
-    if "job" not in skip:
-        fs, _ = storage.filesystem("s3://bench")
-        fs.pipe({f"bench/{tag}/in/{i // 100:03d}/img{i:05d}.png": b for i, b in enumerate(blobs)})
-        save_model_dir(model, card, f"s3://bench/{tag}/model")
-        print(f"(d): Ray Data job on moto S3, {len(blobs)} images", flush=True)
-        cpu0 = s3.cpu_s()
-        job = run_job(
-            f"s3://bench/{tag}/in", f"s3://bench/{tag}/model", f"s3://bench/{tag}/out", bs,
-            workers, threads,
-        )  # fmt: skip
-        job["server_cpu_s"] = s3.cpu_s() - cpu0
-        rates.append(b_rate())
-        job["b_adjacent"] = 0.5 * (rates[-2] + rates[-1])
-        print(f"(b) right after the S3 job: {rates[-1]:.1f} img/s", flush=True)
-        out["s3"] = job
-    if "local" not in skip:
-        root = Path(tempfile.mkdtemp(prefix=f"bench-score-{tag}-"))
-        for i, b in enumerate(blobs):
-            path = root / "in" / f"{i // 100:03d}" / f"img{i:05d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b)
-        save_model_dir(model, card, str(root / "model"))
-        print(f"(d'): Ray Data job on a local folder, {len(blobs)} images", flush=True)
-        job = run_job(
-            str(root / "in"), str(root / "model"), str(root / "out"), bs, workers, threads
-        )
-        rates.append(b_rate())
-        job["b_adjacent"] = 0.5 * (rates[-2] + rates[-1])
-        print(f"(b) right after the local job: {rates[-1]:.1f} img/s", flush=True)
-        out["local"] = job
-    return out
+# ---------------------------------------------------------------------------- rounds
 
 
-def bench_model(
-    backbone: str, size: int, blobs: list[bytes], args, skip: set[str], s3: S3Server | None
-) -> dict:
-    tag = f"{backbone}-{size}".replace("_", "-")
-    print(f"\n=== {backbone} at {size} px ===", flush=True)
+def summary(values: list[float]) -> dict[str, float | int | None]:
+    """Median, min and max over rounds (None where the arm was skipped)."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "rounds": 0}
+    return {
+        "median": round(float(np.median(vals)), 3),
+        "min": round(min(vals), 3),
+        "max": round(max(vals), 3),
+        "rounds": len(vals),
+    }
+
+
+def block_rate(fn, batches: list, n_images: int) -> float:
+    """img/s of ``fn`` over ``batches``, after one untimed batch (see the module docstring:
+    the first batch after a pause pays the VM's page faults again)."""
+    fn(batches[0])
+    return n_images / timed(lambda: [fn(x) for x in batches])
+
+
+def machine(load: tuple[float, float, float] | None = None) -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    try:  # the first processor's fields: a VM's "AMD EPYC" says nothing of the generation
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    load = load or os.getloadavg()
+    return {
+        "cpu": fields.get("model name", cpu),
+        # family/model/stepping: 25/17 is AMD Zen 4, which has bf16 vector units
+        "cpu_id": "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping")),
+        "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "load_before": [round(x, 2) for x in load],
+    }
+
+
+def bench_model(label: str, src: Path, blobs: list[bytes], args, skip: set[str], s3) -> dict:
+    """Every arm of one model, ``args.rounds`` rounds; see the module docstring."""
+    print(f"\n=== {label} ===", flush=True)
     cores = physical_cores()
-    model, card = make_model(backbone, size)
+    model, card = load_model_dir(str(src))
+    pp = card.preprocessing
+    size = int(pp.input_size)
+    contrast = contrast_method(pp.contrast)
     t0 = time.perf_counter()
-    torch.set_num_threads(1)  # as in the job's decode tasks
-    decoded = torch.stack(
-        [unit_to_u8_tensor(to_model_input(decode_image(b), size)) for b in blobs]
-    )  # N x 1 x S x S uint8, as the job's decode stage makes them
-    torch.set_num_threads(cores)
+    decoded = torch.from_numpy(
+        np.stack([prepare_array(decode_array(b), size, pp.shorter_side, contrast) for b in blobs])
+    )[:, None]  # N x 1 x S x S uint8, as the job's decode stage makes them
     print(
-        f"decode + resize (1 thread, not part of (a)/(b)): "
+        f"decode + resize (1 process, not part of (a)/(b)): "
         f"{len(blobs) / (time.perf_counter() - t0):.1f} img/s",
         flush=True,
     )
-    n = min(args.inline_n or len(blobs), len(blobs))
     bs = args.batch_size
-    blob_batches = [blobs[i : min(i + bs, n)] for i in range(0, n, bs)]
-    print(f"(a) with (b), then (b) with (c), interleaved batch by batch on {n} images", flush=True)
+    n = min(args.inline_n, len(blobs))
+    slow_n = min(args.slow_n, n)
     batches = list(torch.split(decoded[:n], bs))
-    t, folded = bench_inline(
-        model, card, batches, blob_batches, "naive" not in skip, "bf16" not in skip
-    )
-    a, b, b_nocam, b_nofold = (n / t[k] for k in ("a", "b", "b_nocam", "b_nofold"))
-    b_bf16 = n / t["b_bf16"] if "b_bf16" in t else float("nan")
-    c = n / t["c"] if "c" in t else float("nan")
-    b_with_c = n / t["b_with_c"] if "b_with_c" in t else float("nan")
-    jobs = {} if s3 is None and "local" in skip else bench_jobs(
-        tag, model, card, blobs, decoded, bs, s3, args.job_workers, args.job_threads, skip
-    )  # fmt: skip
-    nan = float("nan")
-    s3_job, local_job = jobs.get("s3", {}), jobs.get("local", {})
-    d = s3_job.get("img_s", nan)
-    d_local = local_job.get("img_s", nan)
-    rows = [
-        ("(a) forward pass only", a),
-        ("(b) predict + Grad-CAM (Predictor)", b),
-        ("    predict + CAM without BatchNorm folding", b_nofold),
-        ("    predict without CAM (for reference)", b_nocam),
-        ("    predict + CAM, bf16 autocast (amp=True; not default)", b_bf16),
-        ("(c) naive: PIL, batch 1, pytorch-grad-cam, 2 passes", c),  # vs (b) of its pass
-        ("(d) Ray Data job, moto S3 (first read → last write)", d),
-        ("(d') Ray Data job, local folder", d_local),
-    ]
-    print(f"\n{backbone} at {size} px, {folded} BatchNorm layers folded")
-    print(f"{'pipeline':<56}{'img/s':>9}{'vs (b)':>9}")
-    for name, v in rows:
-        ref = b_with_c if name.startswith("(c)") else b
-        if name.startswith("(d)"):
-            ref = s3_job.get("b_adjacent", nan)
-        elif name.startswith("(d')"):
-            ref = local_job.get("b_adjacent", nan)
-        print(f"{name:<56}{v:>9.1f}{v / ref:>9.2f}")
-    job_ratio = d / s3_job.get("b_adjacent", nan)
-    job_ratio_local = d_local / local_job.get("b_adjacent", nan)
+    slow = list(torch.split(decoded[:slow_n], bs))
+    slow_blobs = [blobs[i : min(i + bs, slow_n)] for i in range(0, slow_n, bs)]
+    job_batches = list(torch.split(decoded, bs))
+
+    predictor = Predictor.from_dir(str(src), device="cpu", threads=cores)
+    nofold = Predictor.from_dir(str(src), device="cpu", threads=cores, fold_bn=False)
+    net = predictor.model  # the same module: channels_last, eval, BatchNorm folded
     print(
-        f"(b)/(a) = {b / a:.3f}   (b)/(c) = {b_with_c / c:.2f} (in their own pass: (b) "
-        f"{b_with_c:.1f} img/s)   (d)/(b adjacent) = {job_ratio:.3f}   "
-        f"(d')/(b adjacent) = {job_ratio_local:.3f}   folding: (b)/(b unfolded) = "
-        f"{b / b_nofold:.3f}"
+        f"BatchNorm layers folded: {predictor.folded}; flip TTA: {card.tta_hflip}; gate: "
+        f"{card.gate is not None}; view check: {getattr(card, 'view_check', None) is not None}",
+        flush=True,
     )
-    server_ms = server_share = nan
-    for name, job in (("S3", s3_job), ("local", local_job)):
-        if not job:
-            continue
-        print(
-            f"{name} job: actor start + model load {job['startup_s']:.1f} s (excluded), "
-            f"scoring {job['elapsed_s']:.1f} s, wall {job['wall_s']:.1f} s, "
-            f"{int(job['files'])} Parquet file(s), {job['actors']}; the bench process (Ray Data "
-            f"driver) used {job['driver_cpu_s']:.1f} CPU-s"
-        )
-    if s3_job:
-        server_ms = 1000 * s3_job["server_cpu_s"] / s3_job["n"]
-        server_share = s3_job["server_cpu_s"] / (s3_job["elapsed_s"] * (os.cpu_count() or 1))
-        print(
-            f"     the moto S3 server used {s3_job['server_cpu_s']:.1f} CPU-s during the S3 job: "
-            f"{server_ms:.1f} ms per image, {100 * server_share:.0f} % of the {os.cpu_count()} "
-            "CPUs over its scoring time (on real S3 that share runs elsewhere)"
-        )
-    result = {
-        "backbone": backbone,
-        "input_size": size,
-        "folded_bn": folded,
-        "predict_img_s": round(a, 2),
-        "predict_cam_img_s": round(b, 2),
-        "predict_cam_nofold_img_s": round(b_nofold, 2),
-        "naive_img_s": round(c, 2),
-        "job_img_s": round(d, 2),
-        "job_local_img_s": round(d_local, 2),
-        "cam_ratio": round(b / a, 3),
-        "fold_gain": round(b / b_nofold, 3),
-        "vs_naive": round(b_with_c / c, 2),
-        "job_ratio": round(job_ratio, 3),
-        "job_ratio_local": round(job_ratio_local, 3),
-        "s3_server_cpu_ms_per_image": round(server_ms, 2),
-        "s3_server_cpu_share": round(server_share, 3),
+
+    def forward(x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            net(u8_to_unit_tensor(x).contiguous(memory_format=torch.channels_last))
+
+    arms: dict[str, tuple] = {
+        "a": (forward, batches, n),
+        "b": (lambda x: predictor.predict(x, with_cam=True), batches, n),
+        "b_nocam": (lambda x: predictor.predict(x, with_cam=False), batches, n),
+        "b_nofold": (lambda x: nofold.predict(x, with_cam=True), batches, n),
     }
-    return {k: (None if v != v else v) for k, v in result.items()}  # NaN (skipped) → null
+    if "bf16" not in skip:  # 20x slower than fp32 without bf16 units; faster on Zen 4 (avx512_bf16)
+        amp = Predictor.from_dir(str(src), device="cpu", threads=cores, amp=True)
+        arms["b_bf16"] = (lambda x: amp.predict(x, with_cam=True), slow, slow_n)
+    if "naive" not in skip:
+        lib = Naive(model, size)
+        arms["c"] = (lib, slow_blobs, slow_n)
+    jobs = [k for k in ("local", "s3") if k not in skip and not (k == "s3" and s3 is None)]
+    dirs = stage_job_inputs(label, src, blobs, jobs, s3)
+
+    rates: dict[str, list[float]] = {k: [] for k in arms}
+    job_runs: dict[str, list[dict]] = {k: [] for k in jobs}
+    keys = list(arms)
+    for r in range(args.rounds):
+        order = keys[r % len(keys) :] + keys[: r % len(keys)]
+        for k in order:
+            fn, bats, count = arms[k]
+            rates[k].append(block_rate(fn, bats, count))
+        line = ", ".join(f"{k} {rates[k][-1]:.1f}" for k in keys)
+        print(f"  round {r + 1}/{args.rounds}, img/s: {line}", flush=True)
+        if not jobs:
+            continue
+        b_rates = [block_rate(arms["b"][0], job_batches, len(blobs))]
+        for kind in jobs if r % 2 == 0 else jobs[::-1]:
+            data, model_uri, out = dirs[kind]
+            job = run_job(
+                data, model_uri, f"{out}/round{r}", bs, args.job_workers, args.job_threads
+            )
+            b_rates.append(block_rate(arms["b"][0], job_batches, len(blobs)))
+            job["b_adjacent"] = 0.5 * (b_rates[-2] + b_rates[-1])
+            job["ratio"] = job["img_s"] / job["b_adjacent"]
+            if kind == "s3":
+                job["server_cpu_s"] = s3.cpu_s() - dirs["s3_cpu0"]
+                dirs["s3_cpu0"] = s3.cpu_s()
+            job_runs[kind].append(job)
+            print(
+                f"  round {r + 1}: job {kind} {job['img_s']:.1f} img/s, (b) around it "
+                f"{b_rates[-2]:.1f} / {b_rates[-1]:.1f}, ratio {job['ratio']:.3f}; actor busy "
+                f"{job['actor_busy']:.0%}; seconds by stage {job['stage_s']}",
+                flush=True,
+            )
+    return report(label, predictor.folded, rates, job_runs)
+
+
+def stage_job_inputs(
+    label: str, src: Path, blobs: list[bytes], jobs: list[str], s3
+) -> dict[str, object]:
+    """The job's images and model, as ``(data, model, out)`` for each of ``jobs``."""
+    tag = "".join(c if c.isalnum() else "-" for c in label)
+    files = {f"in/{i // 100:03d}/img{i:05d}.png": b for i, b in enumerate(blobs)}
+    model_files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    dirs: dict[str, object] = {}
+    if "local" in jobs:
+        root = Path(tempfile.mkdtemp(prefix=f"bench-score-{tag}-"))
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        dirs["local"] = (str(root / "in"), str(src), str(root / "out"))
+    if "s3" in jobs:
+        fs, _ = storage.filesystem("s3://bench")
+        fs.pipe({f"bench/{tag}/{rel}": data for rel, data in files.items()})
+        fs.pipe({f"bench/{tag}/model/{name}": data for name, data in model_files.items()})
+        dirs["s3"] = (f"s3://bench/{tag}/in", f"s3://bench/{tag}/model", f"s3://bench/{tag}/out")
+        dirs["s3_cpu0"] = s3.cpu_s()
+    return dirs
+
+
+def row(text: str, s: dict, digits: int) -> str:
+    """A table line: median, min and max."""
+    return f"{text:<56}" + "".join(
+        f"{s[k]:>{w}.{digits}f}" for k, w in (("median", 9), ("min", 8), ("max", 8))
+    )
+
+
+RATIOS = {  # name: (numerator, denominator) arms of the same round
+    "cam_ratio": ("b", "a"),
+    "fold_gain": ("b", "b_nofold"),
+    "vs_naive": ("b", "c"),
+}
+
+
+def report(label: str, folded: int, rates: dict, job_runs: dict) -> dict:
+    """Print the model's table; its RESULT entry."""
+    rounds = len(next(iter(rates.values())))
+    nan = float("nan")
+    result: dict = {"model": label, "folded_bn": folded, "rounds": rounds}
+    names = {
+        "a": ("(a) forward pass only", "predict_img_s"),
+        "b": ("(b) predict + Grad-CAM (Predictor)", "predict_cam_img_s"),
+        "b_nofold": ("    predict + CAM without BatchNorm folding", "predict_cam_nofold_img_s"),
+        "b_nocam": ("    predict without CAM (for reference)", "predict_nocam_img_s"),
+        "b_bf16": ("    predict + CAM, bf16 autocast (not default)", "predict_cam_bf16_img_s"),
+        "c": ("(c) naive: PIL, batch 1, pytorch-grad-cam, 2 passes", "naive_img_s"),
+    }
+    print(f"\n{label}, {folded} BatchNorm layers folded, {rounds} round(s)")
+    print(f"{'pipeline':<56}{'median':>9}{'min':>8}{'max':>8}  img/s")
+    for k, (text, key) in names.items():
+        if k in rates:
+            s = summary(rates[k])
+            result[key] = s
+            print(row(text, s, 1))
+    for kind, text, key in (
+        ("local", "(d') Ray Data job, local folder", "job_local_img_s"),
+        ("s3", "(d) Ray Data job, moto S3", "job_img_s"),
+    ):
+        if job_runs.get(kind):
+            s = summary([j["img_s"] for j in job_runs[kind]])
+            result[key] = s
+            print(row(text, s, 1))
+    print(f"\n{'ratio (per round, then over rounds)':<56}{'median':>9}{'min':>8}{'max':>8}")
+    for name, (num, den) in RATIOS.items():
+        if num in rates and den in rates:
+            s = summary([x / y for x, y in zip(rates[num], rates[den], strict=True)])
+            result[name] = s
+            print(row(f"{name} = ({num})/({den})", s, 3))
+    for kind, name in (("local", "job_ratio_local"), ("s3", "job_ratio")):
+        runs = job_runs.get(kind) or []
+        if not runs:
+            continue
+        s = summary([j["ratio"] for j in runs])
+        result[name] = s
+        arm = "(d)" if kind == "s3" else "(d')"
+        text = f"{name} = {arm}/(b around it)"
+        print(row(text, s, 3))
+        stages = {k: summary([j["stage_s"].get(k, nan) for j in runs]) for k in runs[0]["stage_s"]}
+        busy = summary([j["actor_busy"] for j in runs])
+        n = runs[0]["n"]
+        result[f"{name}_stages_s"] = {k: v["median"] for k, v in stages.items()}
+        result[f"{name}_actor_busy"] = busy
+        result[f"{name}_elapsed_s"] = summary([j["elapsed_s"] for j in runs])
+        result[f"{name}_startup_s"] = summary([j["startup_s"] for j in runs])
+        elapsed, startup = result[f"{name}_elapsed_s"], result[f"{name}_startup_s"]
+        print(
+            f"    {kind} job, medians over rounds: scoring {elapsed['median']:.1f} s for {n} "
+            f"images (startup {startup['median']:.1f} s, excluded); "
+            "seconds by stage, summed over batches: "
+            + ", ".join(f"{k} {v['median']:.2f}" for k, v in stages.items())
+            + f"; actor busy {busy['median']:.0%}; {runs[0]['actors']}"
+        )
+        if kind == "s3":
+            cpu = summary([j["server_cpu_s"] for j in runs])
+            share = summary(
+                [j["server_cpu_s"] / (j["elapsed_s"] * (os.cpu_count() or 1)) for j in runs]
+            )
+            result["s3_server_cpu_ms_per_image"] = round(1000 * cpu["median"] / n, 2)
+            result["s3_server_cpu_share"] = share["median"]
+            print(
+                f"    the moto S3 server used {cpu['median']:.1f} CPU-s per job (median): "
+                f"{1000 * cpu['median'] / n:.1f} ms per image, {100 * share['median']:.0f} % of "
+                f"the {os.cpu_count()} CPUs over its scoring time (on real S3 that runs elsewhere)"
+            )
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     reexec_with_malloc_tunables()  # the Ray workers' allocator settings, here too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=512, help="images (the jobs need >= 512)")
+    ap.add_argument("--n", type=int, default=512, help="images (the jobs' input)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every arm (>= 3 for spreads)")
     ap.add_argument(
-        "--inline-n", type=int, default=None, help="images for (a)-(c): the first of --n"
+        "--inline-n",
+        type=int,
+        default=128,
+        help="images per block of (a) and (b): the first of --n",
+    )
+    ap.add_argument(
+        "--slow-n", type=int, default=32, help="images per block of (c) and bf16: the first of --n"
     )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
         "--models",
         default="efficientnet_lite0:320,efficientnet_b0:224",
-        help="backbone:input_size, comma-separated (lite0 and b0 are short names); the first "
-        "is reported at the top level of RESULT",
+        help="comma-separated backbone:input_size (lite0 and b0 are short names; random "
+        "weights) or trained model directories; the first is reported at the top level",
     )
     ap.add_argument("--data", type=Path, default=SHARED)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: naive,job,local,bf16")
@@ -444,23 +513,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job-threads", type=int, help="(d): threads per actor (default: the job's)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
-    models = []
-    for spec in args.models.split(","):
-        name, size = spec.split(":")
-        models.append((ALIASES.get(name, name), int(size)))
 
     cores = physical_cores()
     torch.set_num_threads(cores)
-    load0 = os.getloadavg()
+    info = machine()
     print(
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical / {cores} "
-        f"physical cores usable, torch {torch.__version__} ({torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
-        f"load average {load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f}",
+        f"machine: {info['cpu']} (family/model/stepping {info['cpu_id']}; "
+        f"{' '.join(info['isa'])}), {info['logical_cpus']} logical / {cores} physical cores, "
+        f"torch {info['torch']} ({info['torch_threads']} threads, OMP_WAIT_POLICY="
+        f"{info['omp_wait_policy']}, GLIBC_TUNABLES={info['glibc_tunables']}); load average "
+        + " ".join(f"{x:.2f}" for x in info["load_before"]),
         flush=True,
     )
     blobs, source = load_images(args.n, args.data)
-    print(f"{len(blobs)} images: {source}", flush=True)
+    print(f"{len(blobs)} images: {source}; {args.rounds} rounds", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-score-models-"))
+    sources = [model_source(spec.strip(), work) for spec in args.models.split(",")]
 
     s3 = None
     jobs = not {"job", "local"} <= skip
@@ -485,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             ensure_ray(num_cpus=cores, log_to_driver=False)
             print(f"Ray started in {time.perf_counter() - t0:.1f} s", flush=True)
-        results = [bench_model(name, size, blobs, args, skip, s3) for name, size in models]
+        results = [bench_model(label, src, blobs, args, skip, s3) for label, src in sources]
     finally:
         if jobs:
             import ray
@@ -494,12 +562,14 @@ def main(argv: list[str] | None = None) -> int:
         if s3 is not None:
             s3.stop()
     load1 = os.getloadavg()
+    info["load_after"] = [round(x, 2) for x in load1]
     print(
-        f"\nload average before {load0[0]:.1f}, after {load1[0]:.1f} "
+        f"\nload average before {info['load_before'][0]:.2f}, after {load1[0]:.2f} "
         f"(on {os.cpu_count()} logical CPUs)"
     )
     top = dict(results[0])
-    top["models"] = {f"{r['backbone']}@{r['input_size']}": r for r in results}
+    top["machine"] = info
+    top["models"] = {r["model"]: r for r in results}
     print("RESULT " + json.dumps(top))
     return 0
 

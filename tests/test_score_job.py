@@ -151,6 +151,11 @@ def test_incremental_runs_and_new_model_version(dataset_s3: str, s3_bucket: str)
         assert t[col].between(0, 1).all(), col
     assert all(decode_png_u8(b).shape == (2, 2) for b in t["cam_png"])
     assert (t["run_date"] == r1.run_date).all()
+    # Where the time went: every stage timed; the actor's busy share of the scoring time.
+    assert set(r1.stage_s) == {"list", "fetch", "decode", "model", "encode", "write"}
+    assert min(r1.stage_s.values()) >= 0 and r1.stage_s["model"] > 0
+    assert r1.stage_s["model"] + r1.stage_s["encode"] <= r1.elapsed_s + 0.05
+    assert r1.actor_busy is not None and 0 < r1.actor_busy <= 1.01
     # Manifest metadata carried over; uri is where the (stored) image is.
     m = manifest.loc[t["image_id"]]
     assert (t["patient_id"].to_numpy() == m["patient_id"].to_numpy()).all()

@@ -360,6 +360,11 @@ def score_table(result: Any) -> Table:
         ("wall time", f"{result.wall_s:.1f} s"),
     ):
         table.add_row(name, str(value))
+    if result.stage_s:  # where the time went (ScoreResult.stage_s)
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in result.stage_s.items())
+        table.add_row("seconds by stage (summed over batches)", stages)
+    if result.actor_busy is not None:
+        table.add_row("scoring actors busy (model + encode)", f"{result.actor_busy:.0%}")
     for line in result.drift:  # covidray.drift: this run beside the validation split
         kind = "refused" if line.kind == "refused" else "class"
         ref = "–" if line.reference is None else f"{line.reference:.1%}"

@@ -37,10 +37,11 @@ from . import results
 from .config import ScoreConfig
 from .inputs import list_inputs
 from .lock import OutputLock
-from .stages import ScoreWorker, read_decode, write_batch
+from .stages import STAGE_COLUMNS, ScoreWorker, read_decode, write_batch
 
-# Memory reserved per write task (a file of rows_per_file scores, overlays included).
-WRITE_MEMORY_BYTES = 256 * 2**20
+# Memory reserved per write task: the whole worker process that writes a file of rows_per_file
+# scores (overlays included), torch and pyarrow loaded; Ray Data measured up to 533 MiB here.
+WRITE_MEMORY_BYTES = 768 * 2**20
 
 
 class ScoreResult(BaseModel):
@@ -69,6 +70,12 @@ class ScoreResult(BaseModel):
     img_per_s: float  # (n_scored + n_out_of_scope) / elapsed_s
     startup_s: float  # Ray connection + actor start (model load), before the first read
     wall_s: float
+    # Where the time went, in seconds summed over batches: list (the driver, before the first
+    # read), fetch, decode, model (predict + Grad-CAM in the actors), encode (PNGs and rows),
+    # write. ``actor_busy`` is model + encode over elapsed × actors: below 1 the actors waited
+    # on the other stages or on Ray Data's scheduling between them.
+    stage_s: dict[str, float] = {}
+    actor_busy: float | None = None
     device: str = ""  # the scoring actors'
     workers: int = 0
     threads: int = 0
@@ -191,8 +198,10 @@ def score_unlocked(
     # as a scoring actor that dies while Ray Data waits for it.
     _read_verified(cfg.model, WEIGHTS_NAME, card.weights_sha256)
     run_date = cfg.run_date or datetime.now(UTC).date().isoformat()
+    t_list = time.time()
     done = results.scored_ids(cfg.out, version)
     kind, items, n_skipped = list_inputs(cfg, done)
+    t_list = time.time() - t_list
     if on_plan is not None:
         on_plan(kind, items.num_rows, n_skipped)
     result = ScoreResult(
@@ -289,6 +298,7 @@ def score_unlocked(
     reasons: Counter[str] = Counter()
     gated: Counter[str] = Counter()
     labels: Counter[str] = Counter()
+    stage: Counter[str] = Counter()
     first_read, last_write = float("inf"), 0.0
     for summary in ds.iter_rows():
         if stop is not None:
@@ -299,10 +309,13 @@ def score_unlocked(
         reasons.update(json.loads(summary["reasons"]))
         gated.update(json.loads(summary["gate_reasons"]))
         labels.update(json.loads(summary["labels"]))
+        for k in (*STAGE_COLUMNS, "t_write_s"):
+            stage[k[2:-2]] += float(summary.get(k) or 0.0)
         first_read = min(first_read, float(summary["t_first_read"]))
         last_write = max(last_write, float(summary["t_written"]))
     elapsed = max(last_write - first_read, 1e-9)
     n_scored = counts["n_scored"] + counts["n_out_of_scope"]  # through the model or gated
+    busy = (stage["model"] + stage["encode"]) / (elapsed * plan.workers)
     return result.model_copy(
         update={
             **{k: counts[k] for k in ("n_scored", "n_out_of_scope", "n_errors", "n_retry")},
@@ -315,6 +328,8 @@ def score_unlocked(
             "img_per_s": round(n_scored / elapsed, 2),
             "startup_s": round(max(0.0, first_read - t_start), 3),
             "wall_s": round(time.time() - t_start, 3),
+            "stage_s": {"list": round(t_list, 3)} | {k: round(v, 3) for k, v in stage.items()},
+            "actor_busy": round(busy, 3),
             "device": plan.device,
             "workers": plan.workers,
             "threads": plan.threads,

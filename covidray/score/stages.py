@@ -12,6 +12,11 @@
    deterministic name). The overlays are written first, so a Parquet file is the batch's
    commit record.
 
+Each stage adds the seconds it spent on a batch, shared out over the batch's rows
+(:data:`STAGE_COLUMNS`: fetch, decode, model, encode); :func:`write_batch` adds its own and
+sums them into its summary row, so a run can say where its time went
+(``ScoreResult.stage_s``).
+
 Between stages a row's ``status`` is :data:`PENDING` (to be scored), :data:`SKIP` (done
 already: counted, not written) or its final status (:mod:`.results`): the metadata layer of
 the input gate decides in stage 1, before any pixel reaches the model; the image layer in
@@ -30,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from .. import storage
 from ..codec import decode_png_u8, encode_png
@@ -41,6 +47,8 @@ from . import results
 log = logging.getLogger(__name__)
 
 PENDING, SKIP = "pending", "skip"
+# Seconds per stage, per row (a batch's time over its rows): summed by write_batch.
+STAGE_COLUMNS = ("t_fetch_s", "t_decode_s", "t_model_s", "t_encode_s")
 # Errors worth another try on the next run: the bytes never arrived.
 RETRY_REASONS = frozenset({"unreadable"})
 
@@ -94,6 +102,7 @@ def read_decode(
     got = storage.read_many(
         [uris[i] for i in wanted], max_bytes=max_bytes, sizes=[sizes[i] for i in wanted]
     )
+    t_fetched = time.time()
     blobs = dict(zip([uris[i] for i in wanted], got, strict=True))
     for i, uri in enumerate(uris):
         if refused[i]:
@@ -148,6 +157,7 @@ def read_decode(
     from ray.data.extensions import ArrowTensorArray
 
     study_day = _floats(batch["study_day"])
+    t_done = time.time()
     return pa.table(
         {
             "image_id": pa.array(ids, pa.string()),
@@ -161,6 +171,8 @@ def read_decode(
             "error": pa.array(errors, pa.string()),
             "error_detail": pa.array(details, pa.string()),
             "t_read": pa.array([t_read] * n, pa.float64()),
+            "t_fetch_s": pa.array([(t_fetched - t_read) / n] * n, pa.float64()),
+            "t_decode_s": pa.array([(t_done - t_fetched) / n] * n, pa.float64()),
             "pixels": ArrowTensorArray.from_numpy(pixels),
         }
     )
@@ -222,6 +234,7 @@ class ScoreWorker:
         from ..labels import CLASSES
 
         p = self.predictor
+        t0 = time.perf_counter()
         status = np.array(batch["status"], dtype=object)
         gate_reasons = list(batch["gate_reason"])
         n = len(status)
@@ -236,6 +249,8 @@ class ScoreWorker:
         covid_pngs: list[bytes | None] = [None] * n
         if len(ok):
             res = p.predict(batch["pixels"][ok][:, None], with_cam=True)
+            self._fixed_covid_maps(batch, ok, covid_area, covid_pngs)
+            t_model = time.perf_counter()
             for c, name in enumerate(CLASSES):
                 probs[ok, c] = res.probs[:, p.classes.index(name)]
             for k in _CAM_FIELDS:
@@ -248,7 +263,8 @@ class ScoreWorker:
                 in_scope[i] = bool(res.in_scope[j])
                 gate_reasons[i] = res.gate_reason[j]
                 status[i] = results.SCORED if res.in_scope[j] else results.OUT_OF_SCOPE
-            self._fixed_covid_maps(batch, ok, covid_area, covid_pngs)
+        else:
+            t_model = t0
         now = datetime.now(UTC)
         cols: dict[str, Any] = {
             name: _arrow(batch[name], typ)
@@ -262,6 +278,8 @@ class ScoreWorker:
                 ("error", pa.string()),
                 ("error_detail", pa.string()),
                 ("t_read", pa.float64()),
+                ("t_fetch_s", pa.float64()),
+                ("t_decode_s", pa.float64()),
             )
         }
         for c, name in enumerate(CLASSES):
@@ -283,6 +301,9 @@ class ScoreWorker:
             from ray.data.extensions import ArrowTensorArray
 
             cols["pixels"] = ArrowTensorArray.from_numpy(np.ascontiguousarray(batch["pixels"]))
+        t_end = time.perf_counter()
+        cols["t_model_s"] = pa.array([(t_model - t0) / n] * n, pa.float64())
+        cols["t_encode_s"] = pa.array([(t_end - t_model) / n] * n, pa.float64())
         return pa.table(cols)
 
     def _fixed_covid_maps(
@@ -353,6 +374,7 @@ def write_batch(
         if lab and st == results.SCORED
     )
     uri = ""
+    t0 = time.perf_counter()
     if rows.num_rows:
         if overlays and "pixels" in rows.schema.names:
             _write_overlays(rows, out, write_retry_s)
@@ -360,8 +382,15 @@ def write_batch(
             rows.select(list(results.COLUMNS)), out, run_date, scoring_version, write_retry_s
         )
     t_read = batch.column("t_read").to_numpy()
+    stage_s = {
+        k: [float(pa.compute.sum(batch.column(k)).as_py() or 0.0)]
+        for k in STAGE_COLUMNS
+        if k in batch.schema.names
+    }
     return pa.table(
         {
+            **stage_s,
+            "t_write_s": [time.perf_counter() - t0],
             "file": [uri],
             "n_scored": [counts[results.SCORED]],
             "n_out_of_scope": [counts[results.OUT_OF_SCOPE]],
