@@ -357,6 +357,7 @@ def bench_model(label: str, src: Path, blobs: list[bytes], args, skip: set[str],
         b_rates = [block_rate(arms["b"][0], job_batches, len(blobs))]
         for kind in jobs if r % 2 == 0 else jobs[::-1]:
             data, model_uri, out = dirs[kind]
+            cpu0 = s3.cpu_s() if kind == "s3" else 0.0
             job = run_job(
                 data, model_uri, f"{out}/round{r}", bs, args.job_workers, args.job_threads
             )
@@ -364,8 +365,7 @@ def bench_model(label: str, src: Path, blobs: list[bytes], args, skip: set[str],
             job["b_adjacent"] = 0.5 * (b_rates[-2] + b_rates[-1])
             job["ratio"] = job["img_s"] / job["b_adjacent"]
             if kind == "s3":
-                job["server_cpu_s"] = s3.cpu_s() - dirs["s3_cpu0"]
-                dirs["s3_cpu0"] = s3.cpu_s()
+                job["server_cpu_s"] = s3.cpu_s() - cpu0
             job_runs[kind].append(job)
             print(
                 f"  round {r + 1}: job {kind} {job['img_s']:.1f} img/s, (b) around it "
@@ -378,12 +378,12 @@ def bench_model(label: str, src: Path, blobs: list[bytes], args, skip: set[str],
 
 def stage_job_inputs(
     label: str, src: Path, blobs: list[bytes], jobs: list[str], s3
-) -> dict[str, object]:
+) -> dict[str, tuple[str, str, str]]:
     """The job's images and model, as ``(data, model, out)`` for each of ``jobs``."""
     tag = "".join(c if c.isalnum() else "-" for c in label)
     files = {f"in/{i // 100:03d}/img{i:05d}.png": b for i, b in enumerate(blobs)}
     model_files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
-    dirs: dict[str, object] = {}
+    dirs: dict[str, tuple[str, str, str]] = {}
     if "local" in jobs:
         root = Path(tempfile.mkdtemp(prefix=f"bench-score-{tag}-"))
         for rel, data in files.items():
@@ -395,7 +395,6 @@ def stage_job_inputs(
         fs.pipe({f"bench/{tag}/{rel}": data for rel, data in files.items()})
         fs.pipe({f"bench/{tag}/model/{name}": data for name, data in model_files.items()})
         dirs["s3"] = (f"s3://bench/{tag}/in", f"s3://bench/{tag}/model", f"s3://bench/{tag}/out")
-        dirs["s3_cpu0"] = s3.cpu_s()
     return dirs
 
 
