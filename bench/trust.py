@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         f"after {report.ece:.3f} ({_interval(out.ece_interval)}); labels changed: "
         f"{out.labels_changed_by_calibration}; accuracy {report.accuracy:.3f}"
     )
+    if out.ece_if_calibrated:
+        print(
+            "ECE a perfectly calibrated model with these predictions shows on as many films: "
+            f"median {out.ece_if_calibrated[0]:.3f}, 95th percentile {out.ece_if_calibrated[1]:.3f}"
+        )
 
     films = [read_bytes(u) for u in rows["uri"]]
     kinds = out_of_scope_sets(films, args.ood)
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "ece": report.ece,
         "ece_uncalibrated": out.ece_uncalibrated,
+        "ece_if_calibrated": out.ece_if_calibrated,
         "labels_changed": out.labels_changed_by_calibration,
         "false_rejections_by": out.false_rejections_by,
         "rejections_by_reason": out.rejections_by_reason,

@@ -130,7 +130,10 @@ def test_evaluate_reports_held_out_sources(tmp_path: Path, capsys: pytest.Captur
     model = str(tmp_path / "model")
     save_tiny_model(model, seed=1, size=64)
     assert main(["evaluate", "--model", model, "--data", str(data), "--format", "json"]) == 0
-    sep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["separation"]
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sep = report["separation"]
+    floor = report["ece_if_calibrated"]  # the ECE a calibrated model shows on as many films
+    assert 0 <= floor[0] <= floor[1] <= 1
 
     rows = load_rows(str(data))
     test = rows[rows["split"] == "test"].reset_index(drop=True)
@@ -159,3 +162,4 @@ def test_evaluate_reports_held_out_sources(tmp_path: Path, capsys: pytest.Captur
     assert main(["evaluate", "--model", model, "--data", str(data)]) == 0
     text = capsys.readouterr().out
     assert "held-out sources (site-b)" in text and "AUROC" in text
+    assert "a calibrated model shows" in text

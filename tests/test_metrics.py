@@ -17,6 +17,7 @@ from covidray.evaluation.artifacts import confusion_png, per_class_table_markdow
 from covidray.evaluation.metrics import (
     EvalReport,
     confusion_matrix,
+    ece_if_calibrated,
     evaluate_predictions,
     expected_calibration_error,
 )
@@ -103,6 +104,42 @@ def test_ece_constructed_cases():
     probs = np.vstack([one_hot_probs([0] * 5, 0.9), one_hot_probs([0] * 5, 0.6)])
     y = np.array([0] * 5 + [1] * 5)
     assert expected_calibration_error(probs, y) == pytest.approx(0.35)
+
+
+def _dirichlet_probs(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.full(3, 0.3), size=n)
+
+
+def test_ece_if_calibrated_is_the_estimators_floor_on_few_films():
+    # Labels drawn from the model's own probabilities: a calibrated model by construction.
+    # On 118 films its observed ECE lies inside the consistency range about 95 % of the time,
+    # and the range is far above 0: binned ECE is biased upwards on few films.
+    inside, floor = 0, []
+    for seed in range(40):
+        p = _dirichlet_probs(118, seed)
+        y = (np.random.default_rng(100 + seed).random((118, 1)) > np.cumsum(p, 1)).sum(1)
+        median, q95 = ece_if_calibrated(p, n_sim=300, seed=seed)
+        assert 0 < median < q95 < 1
+        inside += expected_calibration_error(p, np.minimum(y, 2)) <= q95
+        floor.append(median)
+    assert inside >= 34  # ~95 % of 40
+    assert np.mean(floor) > 0.04
+    # the floor shrinks with the number of films
+    big = ece_if_calibrated(_dirichlet_probs(5000, 0), n_sim=50)
+    assert big[1] < np.mean(floor) / 3
+
+
+def test_ece_if_calibrated_flags_an_overconfident_model():
+    # probabilities sharpened after the labels were drawn: the model claims more than it has
+    rng = np.random.default_rng(7)
+    p = _dirichlet_probs(400, 7)
+    y = np.minimum((rng.random((400, 1)) > np.cumsum(p, 1)).sum(1), 2)
+    sharp = p**3 / (p**3).sum(1, keepdims=True)
+    assert expected_calibration_error(sharp, y) > ece_if_calibrated(sharp, n_sim=300)[1]
+    assert ece_if_calibrated(np.zeros((0, 3))) is None
+    # the same seed gives the same range
+    assert ece_if_calibrated(p, n_sim=50, seed=3) == ece_if_calibrated(p, n_sim=50, seed=3)
 
 
 def test_ece_bin_edges_and_extremes():

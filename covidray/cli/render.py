@@ -276,6 +276,11 @@ def outputs_line(report: EvalReport) -> str:
     ece = f"ECE {out.ece_uncalibrated:.3f} → {report.ece:.3f}"
     if out.ece_interval:
         ece += f" (95 % {out.ece_interval[0]:.3f}–{out.ece_interval[1]:.3f})"
+    if out.ece_if_calibrated:
+        ece += (
+            f"; a calibrated model shows {out.ece_if_calibrated[0]:.3f} "
+            f"(up to {out.ece_if_calibrated[1]:.3f}) on as many films"
+        )
     gate = (
         "no input gate"
         if out.false_rejection_rate is None

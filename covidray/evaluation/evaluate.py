@@ -24,6 +24,7 @@ from .metrics import (
     POSITIVE_CLASS,
     EvalReport,
     OutputFigures,
+    ece_if_calibrated,
     evaluate_predictions,
     expected_calibration_error,
 )
@@ -65,6 +66,7 @@ def output_figures(
     return OutputFigures(
         calibration={"method": cal.method, "temperature": cal.temperature, "note": cal.note},
         ece_interval=bootstrap(expected_calibration_error, res.probs, labels),
+        ece_if_calibrated=ece_if_calibrated(res.probs),
         ece_uncalibrated=expected_calibration_error(raw, labels),
         ece_uncalibrated_interval=bootstrap(expected_calibration_error, raw, labels),
         labels_changed_by_calibration=int((raw.argmax(1) != res.probs.argmax(1)).sum()),
