@@ -50,8 +50,11 @@ from covidray.predict import Predictor  # noqa: E402
 from covidray.synth import assign_sources, write_phantoms  # noqa: E402
 
 # Each option at the value the study runs it with (covidray train flags).
+# The baseline is the recipe before the study (contrast normalisation and acquisition
+# augmentation became the default after it), pinned so that every row reruns as it ran:
+# each variant's command starts with the baseline's flags.
 VARIANTS: dict[str, list[str]] = {
-    "baseline": [],
+    "baseline": ["--contrast", "none", "--no-acquisition-augment"],
     "contrast": ["--contrast", "clahe"],
     "acquisition": ["--acquisition-augment"],
     "group_dro": ["--group-dro-step", "0.01"],
@@ -110,7 +113,10 @@ def dataset(args: argparse.Namespace) -> str:
 def train_command(
     args: argparse.Namespace, ds: str, variant: str, seed: int, out: Path
 ) -> list[str]:
-    flags = [f for part in variant.split("+") for f in VARIANTS[part]]
+    # every option off first (the baseline's pins), then the variant's: the last flag wins
+    flags = VARIANTS["baseline"] + [
+        f for part in variant.split("+") if part != "baseline" for f in VARIANTS[part]
+    ]
     return cli(
         "train",
         "--data",
@@ -182,6 +188,102 @@ def markdown(rows: list[dict[str, Any]], note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _accuracy(r: dict[str, Any]) -> float | None:
+    return (r["separation"].get("in_distribution_accuracy") or {}).get("value")
+
+
+def pooled_delta(
+    scores: dict[tuple[str, int], dict[str, Any]], variant: str, seeds: list[int]
+) -> Any:
+    """The variant's held-out AUROC minus the baseline's, averaged over ``seeds`` (each seed
+    paired with the baseline of the same seed), with its paired patient-level interval."""
+    ids = sorted(scores["baseline", seeds[0]])
+    first = scores["baseline", seeds[0]]
+    y = np.array([first[i]["covid"] for i in ids])
+    if not (y.any() and (~y).any()):
+        return None
+    return paired_auroc_difference(
+        np.array([[scores[variant, s][i]["score"] for s in seeds] for i in ids]),
+        np.array([[scores["baseline", s][i]["score"] for s in seeds] for i in ids]),
+        y,
+        np.array([first[i]["patient"] for i in ids]),
+    )
+
+
+def decide(
+    results: list[dict[str, Any]], scores: dict[tuple[str, int], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Step 5's rule. The option's run at the first baseline seed qualifies when its paired
+    gain over that baseline exceeds the baselines' seed spread, its paired interval excludes
+    0, and in-distribution accuracy drops by at most 0.02. With more seeds it is confirmed
+    when the gain averaged over seeds (each paired with the baseline of its seed) still
+    exceeds the spread and its pooled paired interval excludes 0."""
+    base = {r["seed"]: r for r in results if r["variant"] == "baseline"}
+    if not base:
+        return []
+    first = min(base)
+    aucs = [r["separation"]["held_out"]["auroc"] for r in base.values()]
+    spread = max(aucs) - min(aucs) if len(aucs) > 1 else None
+    verdicts = []
+    for variant in dict.fromkeys(r["variant"] for r in results if r["variant"] != "baseline"):
+        runs = {r["seed"]: r for r in results if r["variant"] == variant and r["seed"] in base}
+        if first not in runs or "delta_vs_baseline" not in runs[first]:
+            continue
+        gain, ci = runs[first]["delta_vs_baseline"]
+        acc = [
+            _accuracy(base[s]) - _accuracy(r)
+            for s, r in runs.items()
+            if _accuracy(r) is not None and _accuracy(base[s]) is not None
+        ]
+        drop = float(np.mean(acc)) if acc else None
+        qualifies = bool(
+            spread is not None
+            and gain > spread
+            and ci is not None
+            and ci[0] > 0
+            and drop is not None
+            and drop <= 0.02
+        )
+        pooled = pooled_delta(scores, variant, sorted(runs)) if len(runs) > 1 else None
+        confirmed = (
+            None
+            if pooled is None
+            else bool(qualifies and pooled[0] > spread and pooled[1] and pooled[1][0] > 0)
+        )
+        verdicts.append(
+            {
+                "variant": variant,
+                "seeds": sorted(runs),
+                "delta_first_seed": [gain, ci],
+                "seed_spread": spread,
+                "in_distribution_accuracy_drop": drop,
+                "qualifies": qualifies,
+                "pooled_delta": pooled,
+                "confirmed": confirmed,
+            }
+        )
+    return verdicts
+
+
+def decision_markdown(verdicts: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | seeds | Δ at the first seed (paired) | baseline seed spread | "
+        "in-distribution accuracy drop (mean) | qualifies | mean Δ over seeds (pooled paired) "
+        "| confirmed |",
+        "|" + "---|" * 8,
+    ]
+    yes = {True: "**yes**", False: "no", None: "—"}
+    for v in verdicts:
+        pooled = v["pooled_delta"]
+        lines.append(
+            f"| {v['variant']} | {', '.join(map(str, v['seeds']))} | "
+            f"{fmt(*v['delta_first_seed'])} | {fmt(v['seed_spread'])} | "
+            f"{fmt(v['in_distribution_accuracy_drop'], digits=2)} | {yes[v['qualifies']]} | "
+            f"{'—' if pooled is None else fmt(*pooled)} | {yes[v['confirmed']]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw", type=Path, help="raw data folder, e.g. ../shared/data/cxr")
@@ -206,8 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     ds = dataset(args)
 
-    results: list[dict[str, Any]] = []
-    scores: dict[tuple[str, int], dict[str, Any]] = {}
+    # Rows of earlier invocations on the same WORK stay in the table unless run again here.
+    earlier = args.work / "study.json"
+    results: list[dict[str, Any]] = (
+        json.loads(earlier.read_text())["runs"] if earlier.exists() else []
+    )
+    asked = {(v, s) for s in args.seeds for v in variants}
+    results = [r for r in results if (r["variant"], r["seed"]) not in asked]
     for seed in args.seeds:
         for variant in variants:
             out = args.work / "runs" / f"{variant}-s{seed}"
@@ -218,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
                 run(cmd)
                 timing.write_text(f"{time.time() - started:.1f}\n")
             metrics = json.loads((out / "model" / "metrics.json").read_text())
-            scores[variant, seed] = held_out_scores(str(out / "model"), ds)
             results.append(
                 {
                     "variant": variant,
@@ -228,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
                     "separation": metrics["test"]["separation"],
                 }
             )
+    order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for r in results))}
+    results.sort(key=lambda r: (r["variant"] != "baseline", order[r["variant"]], r["seed"]))
+    scores = {
+        (r["variant"], r["seed"]): held_out_scores(
+            str(args.work / "runs" / f"{r['variant']}-s{r['seed']}" / "model"), ds
+        )
+        for r in results
+    }
 
     rows = []
     for r in results:
@@ -256,9 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {load[0]:.1f} on {os.cpu_count()} CPUs"
         + ("; PHANTOMS (a smoke run: the figures mean nothing)" if args.phantoms else "")
     )
-    (args.work / "study.md").write_text(markdown(rows, note))
-    (args.work / "study.json").write_text(json.dumps({"note": note, "runs": results}, indent=1))
-    print(markdown(rows, note))
+    verdicts = decide(results, scores)
+    table = markdown(rows, note) + "\n" + decision_markdown(verdicts)
+    (args.work / "study.md").write_text(table)
+    (args.work / "study.json").write_text(
+        json.dumps({"note": note, "runs": results, "decision": verdicts}, indent=1)
+    )
+    print(table)
     print("RESULT " + json.dumps({"table": str(args.work / "study.md"), "rows": len(rows)}))
     return 0
 

@@ -107,6 +107,11 @@ def test_paired_difference() -> None:
     diff, ci = paired_auroc_difference(better, worse, y, patients)
     assert diff == pytest.approx(1 - 6 / 9) and ci[0] <= diff <= ci[1]
     assert paired_auroc_difference(worse, worse, y, patients) == (0.0, (0.0, 0.0))
+    # one column per seed, each paired with its own baseline: the mean of the differences
+    two = paired_auroc_difference(
+        np.column_stack([better, better]), np.column_stack([worse, better]), y, patients
+    )
+    assert two[0] == pytest.approx((1 - 6 / 9) / 2) and two[1][0] <= two[0] <= two[1][1]
 
 
 def test_patient_bootstrap_keeps_a_patients_films_together() -> None:

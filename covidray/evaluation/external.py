@@ -185,10 +185,17 @@ def paired_auroc_difference(
     scores: np.ndarray, baseline: np.ndarray, is_covid: np.ndarray, patients: np.ndarray
 ) -> tuple[float, Interval | None]:
     """AUROC of ``scores`` minus that of ``baseline`` on the same films, with the 95 %
-    interval of a paired patient-level bootstrap (both resampled alike)."""
+    interval of a paired patient-level bootstrap (both resampled alike). Scores of shape
+    (films, runs), e.g. one column per seed paired with the baseline of the same seed: the
+    mean of the per-run differences, each bootstrap sample resampling the films of every run
+    alike."""
 
     def diff(a: np.ndarray, b: np.ndarray, y: np.ndarray) -> float:
-        return covid_auroc(a, y) - covid_auroc(b, y)
+        if a.ndim == 1:
+            return covid_auroc(a, y) - covid_auroc(b, y)
+        return float(
+            np.mean([covid_auroc(a[:, k], y) - covid_auroc(b[:, k], y) for k in range(a.shape[1])])
+        )
 
     return diff(scores, baseline, is_covid), bootstrap(
         diff, scores, baseline, is_covid, clusters=patients
