@@ -50,9 +50,8 @@ from covidray.predict import Predictor  # noqa: E402
 from covidray.synth import assign_sources, write_phantoms  # noqa: E402
 
 # Each option at the value the study runs it with (covidray train flags).
-# The baseline is the recipe before the study (contrast normalisation and acquisition
-# augmentation became the default after it), pinned so that every row reruns as it ran:
-# each variant's command starts with the baseline's flags.
+# The baseline is today's default recipe with the options it could change pinned off, so that
+# every row reruns as it ran should a default change: each command starts with its flags.
 VARIANTS: dict[str, list[str]] = {
     "baseline": ["--contrast", "none", "--no-acquisition-augment"],
     "contrast": ["--contrast", "clahe"],

@@ -88,17 +88,15 @@ class TrainConfig(Config):
         "e.g. an ingested ../shared/data/views): fits the input gate's view check",
     )
 
-    # Recipe options against source shortcuts (docs/source-study.md): contrast normalisation
-    # and acquisition augmentation together are the default (they won the source-held-out
-    # study); the others are off by default.
+    # Recipe options against source shortcuts (docs/source-study.md); every one off by default.
     contrast: Literal["none", "clahe", "equalize"] = Field(
-        "clahe",
+        "none",
         description="contrast normalisation of every model input (CLAHE or histogram "
         "equalisation), recorded in the model card: evaluate, the nightly job and the endpoint "
         "apply it too",
     )
     acquisition_augment: bool = Field(
-        True,
+        False,
         description="augment the batch as other scanners would have taken it: gamma, contrast, "
         "blur, noise, sharpening, down-and-up sampling, JPEG artefacts",
     )
