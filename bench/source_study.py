@@ -6,7 +6,10 @@ variant and seed.
         --test-sources actualmed figure1 --seeds 0 1 --variants baseline
     .venv/bin/python bench/source_study.py --raw ../shared/data/cxr --work study \\
         --test-sources actualmed figure1 --seeds 0 --variants contrast acquisition group_dro \\
-        adversary mixup --combo best=contrast+mixup
+        adversary mixup
+    .venv/bin/python bench/source_study.py --raw ../shared/data/cxr --work study \
+        --test-sources actualmed figure1 --seeds 0 1 --variants baseline \
+        --combo combined=contrast+acquisition
 
 Each row is one ``covidray train`` run on the ingested, source-held-out dataset (ingested
 once, with ``--split-test-sources``, under ``WORK``); its command line is in the table. A row
@@ -14,7 +17,9 @@ whose model directory is complete is read back, not trained again, so the study 
 few rows per session. The figures come from the run's own test report (``metrics.json``:
 ``separation``, see covidray.evaluation.external); the held-out films are scored once more to
 give the paired bootstrap interval of each variant's held-out AUROC minus the baseline's of
-the same seed. Writes ``WORK/study.json`` and ``WORK/study.md`` (the table); the last line is
+the same seed. Writes ``WORK/study.json`` and ``WORK/study.md``: the table (rows of earlier
+invocations on the same WORK stay in it) and step 5's decision per option (qualifies at the
+first seed; confirmed over all seeds by the pooled paired difference). The last line is
 ``RESULT {json}``.
 
 A smoke run on phantoms (three phantom sources, ``site-c`` held out) checks the plumbing in a
