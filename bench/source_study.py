@@ -7,8 +7,8 @@ variant and seed.
     .venv/bin/python bench/source_study.py --raw ../shared/data/cxr --work study \\
         --test-sources actualmed figure1 --seeds 0 --variants contrast acquisition group_dro \\
         adversary mixup
-    .venv/bin/python bench/source_study.py --raw ../shared/data/cxr --work study \
-        --test-sources actualmed figure1 --seeds 0 1 --variants baseline \
+    .venv/bin/python bench/source_study.py --raw ../shared/data/cxr --work study \\
+        --test-sources actualmed figure1 --seeds 0 1 --variants baseline \\
         --combo combined=contrast+acquisition
 
 Each row is one ``covidray train`` run on the ingested, source-held-out dataset (ingested
@@ -196,11 +196,12 @@ def _accuracy(r: dict[str, Any]) -> float | None:
     return (r["separation"].get("in_distribution_accuracy") or {}).get("value")
 
 
-def pooled_delta(
+def paired_delta(
     scores: dict[tuple[str, int], dict[str, Any]], variant: str, seeds: list[int]
 ) -> Any:
     """The variant's held-out AUROC minus the baseline's, averaged over ``seeds`` (each seed
-    paired with the baseline of the same seed), with its paired patient-level interval."""
+    paired with the baseline of the same seed), with its paired patient-level interval; None
+    without both classes among the held-out films."""
     ids = sorted(scores["baseline", seeds[0]])
     first = scores["baseline", seeds[0]]
     y = np.array([first[i]["covid"] for i in ids])
@@ -248,7 +249,7 @@ def decide(
             and drop is not None
             and drop <= 0.02
         )
-        pooled = pooled_delta(scores, variant, sorted(runs)) if len(runs) > 1 else None
+        pooled = paired_delta(scores, variant, sorted(runs)) if len(runs) > 1 else None
         confirmed = (
             None
             if pooled is None
@@ -349,19 +350,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for r in results:
-        base = scores.get(("baseline", r["seed"]))
         delta = None
-        if base is not None and r["variant"] != "baseline":
-            mine = scores[r["variant"], r["seed"]]
-            ids = sorted(base)
-            y = np.array([base[i]["covid"] for i in ids])
-            if y.any() and (~y).any():
-                delta = paired_auroc_difference(
-                    np.array([mine[i]["score"] for i in ids]),
-                    np.array([base[i]["score"] for i in ids]),
-                    y,
-                    np.array([base[i]["patient"] for i in ids]),
-                )
+        if ("baseline", r["seed"]) in scores and r["variant"] != "baseline":
+            delta = paired_delta(scores, r["variant"], [r["seed"]])
+            if delta is not None:
                 r["delta_vs_baseline"] = delta
         rows.append(
             row_of(r["variant"], r["seed"], r["separation"], r["wall_s"], r["command"], delta)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 
 from .. import storage
 from ..codec import decode_png_u8, encode_png
@@ -383,7 +383,7 @@ def write_batch(
         )
     t_read = batch.column("t_read").to_numpy()
     stage_s = {
-        k: [float(pa.compute.sum(batch.column(k)).as_py() or 0.0)]
+        k: [float(pc.sum(batch.column(k)).as_py() or 0.0)]
         for k in STAGE_COLUMNS
         if k in batch.schema.names
     }
